@@ -42,11 +42,20 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kw
     return 2 * b * h * s_q * s_k * (d + d_v)
 
 
-# torch counts the CUDA attention kernels; the CPU flash kernel that timm's fused attention reaches
-# on a CPU has no formula there, so its FLOPs would silently go missing.
+def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    """dQ, dK, dV and the recomputed scores: twice the forward's matmuls."""
+    return 2 * _sdpa_flops(query_shape, key_shape, value_shape)
+
+
+# torch counts the CUDA attention kernels; the CPU flash kernels that timm's fused attention reaches
+# on a CPU have no formula there, so their FLOPs would silently go missing.
 _EXTRA_FORMULAS = {
-    op: _sdpa_flops
-    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fused_attention_overrideable")
+    op: formula
+    for name, formula in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_flops),
+        ("_scaled_dot_product_fused_attention_overrideable", _sdpa_flops),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_backward_flops),
+    )
     if (op := getattr(torch.ops.aten, name, None)) is not None
 }
 

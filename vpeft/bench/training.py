@@ -54,6 +54,7 @@ class TrainReport:
     device_name: str
     torch: str
     timm: str
+    compiled: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -84,12 +85,19 @@ def measure_training(
     dtype: str | None = None,
     lr: float = 1e-3,
     seed: int = 0,
+    compile: bool = False,
+    input_grad: bool = False,
 ) -> TrainReport:
     """Time ``steps`` optimizer steps after ``warmup`` untimed ones, then put the model back as it was.
 
     Defaults: on CUDA batch 64, 20 steps after 5, bf16 autocast (what training runs use); on CPU
     batch 8, 3 steps after 1, fp32. The trainable tensors and buffers are restored afterwards, the
     gradients cleared and the train/eval mode reset, so the model leaves unchanged.
+
+    ``compile`` times ``torch.compile(model)`` (compilation happens in the warm-up steps).
+    ``input_grad`` makes the input require a gradient, so a model with every weight frozen still
+    back-propagates through all its activations: the floor of what any delta that sits inside the
+    backbone costs to train.
     """
     require_real(model, "measure_training")
     device = as_device(device, model)
@@ -103,7 +111,7 @@ def measure_training(
     if not isinstance(num_classes, int) or num_classes <= 0:
         raise ConfigError("measure_training needs a classifier head: create the model with num_classes > 0")
     params = _trainable(model)
-    if not params:
+    if not params and not input_grad:
         raise ConfigError("the model has no trainable parameters; apply a method (vpeft.apply_method) first")
 
     model.to(device)
@@ -112,16 +120,19 @@ def measure_training(
     saved_buffers = {n: b.detach().to("cpu", copy=True) for n, b in model.named_buffers()}
     was_training = model.training
     g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(batch_size, *size, generator=g).to(device)
+    x = torch.randn(batch_size, *size, generator=g).to(device).requires_grad_(input_grad)
     y = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=lr)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr) if params else None
+    forward = torch.compile(model) if compile else model
 
     def step() -> None:
         with autocast(dtype, device):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = F.cross_entropy(forward(x).float(), y)
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        x.grad = None
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     try:
         if cuda:
@@ -139,7 +150,8 @@ def measure_training(
             seconds = time.perf_counter() - start
         peak, kind = _peak_mb(device)
     finally:
-        optimizer.state.clear()
+        if optimizer is not None:
+            optimizer.state.clear()
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(saved_params[n])
@@ -160,5 +172,6 @@ def measure_training(
         peak_mem_kind=kind,
         device=device.type,
         device_name=device_name(device),
+        compiled=compile,
         **versions(),
     )
