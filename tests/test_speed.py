@@ -1,0 +1,246 @@
+"""The fast path computes what the usual one does: same pixels, same training, same outputs compiled.
+
+Speed itself is measured by scripts/bench_train.py on a GPU, not here; these tests check that the
+pieces it times are correct, and that the script runs end to end (on a CPU, in its --quick mode).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_vit, tiny_input
+from data_helpers import REAL_CIFAR10, write_noah
+from PIL import Image
+
+import vpeft
+from vpeft.bench import count_flops
+from vpeft.bench.speed import bf16_peak_tflops, sequence_length, train_step_flops
+from vpeft.bench.usual import EngineOrder, ImageFiles, usual_run
+from vpeft.data import load_task
+from vpeft.engine.loop import Normalizer, TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+needs_cifar10 = pytest.mark.skipif(not REAL_CIFAR10.is_dir(), reason=f"needs the real task folder {REAL_CIFAR10}")
+
+
+def real_subset(root: Path, n_train: int, n_test: int, odd_modes: bool = True) -> Path:
+    """A task folder of real CIFAR-10 JPEGs from the shared VTAB-1k task; a few turned grayscale / palette."""
+
+    def take(split: str, n: int):
+        out = []
+        for i, line in enumerate((REAL_CIFAR10 / f"{split}.txt").read_text().split("\n")[:n]):
+            rel, label = line.rsplit(maxsplit=1)
+            img = Image.open(REAL_CIFAR10 / rel).convert("RGB")
+            if odd_modes and i % 7 == 3:
+                img = img.convert("L")
+            elif odd_modes and i % 7 == 5:
+                img = img.convert("P", palette=Image.Palette.ADAPTIVE)
+            out.append((img, int(label)))
+        return out
+
+    splits = {"train800val200": take("train800val200", n_train), "test": take("test", n_test)}
+    return write_noah(root, splits, classes=[f"c{k}" for k in range(10)], ext="png")
+
+
+@needs_cifar10
+def test_cached_plain_and_usual_paths_give_the_same_pixels(tmp_path):
+    root = real_subset(tmp_path / "task", 21, 14)
+    size = (40, 24)  # not square, not the source size: every path must resize the same way
+    plain = load_task("folder", "final", size, root=root)
+    first = load_task("folder", "final", size, root=root, cache_dir=tmp_path / "cache")
+    cached = load_task("folder", "final", size, root=root, cache_dir=tmp_path / "cache")
+    assert (first.cache_hit, cached.cache_hit) == (False, True)
+    for task in (first, cached):
+        for split in ("train", "eval"):
+            assert torch.equal(getattr(task, split).images, getattr(plain, split).images)
+            assert torch.equal(getattr(task, split).labels, getattr(plain, split).labels)
+
+    usual = ImageFiles(root, "test", size, MEAN, STD)
+    pil = np.stack([np.asarray(usual.pil(i)) for i in range(len(usual))])  # [N, H, W, 3]
+    assert pil.shape == (14, 40, 24, 3)
+    assert torch.equal(torch.from_numpy(pil).permute(0, 3, 1, 2), plain.eval.images)
+    normalized = torch.stack([usual[i][0] for i in range(len(usual))])
+    ours = Normalizer(MEAN, STD, torch.device("cpu"))(plain.eval.images)
+    torch.testing.assert_close(ours, normalized, atol=1e-6, rtol=0)
+    assert [usual[i][1] for i in range(len(usual))] == plain.eval.labels.tolist()
+
+
+def test_engine_order_is_the_engine_permutation():
+    order = EngineOrder(10, seed=3)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):  # one permutation per epoch from the same generator, as the engine draws them
+        assert list(order) == torch.randperm(10, generator=g).tolist()
+
+
+@needs_cifar10
+def test_usual_recipe_trains_the_same_model_as_the_engine(tmp_path):
+    """Same data, init, order, optimizer and schedule: the two loops end at the same delta (fp32, CPU)."""
+    root = real_subset(tmp_path / "task", 40, 24, odd_modes=False)
+    size = (32, 32)
+    task = load_task("folder", "final", size, root=root)
+
+    def model():
+        m = vpeft.apply_method(make_vit(), "lora", r=4)
+        m.reset_classifier(10)
+        torch.manual_seed(5)
+        torch.nn.init.normal_(m.head.weight, std=0.02)
+        return m
+
+    ours, theirs = model(), model()
+    lr, epochs = 1e-3, 3
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+    cfg = TrainConfig(epochs=epochs, batch_size=16, warmup_epochs=1, progress=False)
+    res = train(
+        ours, task.train.images, task.train.labels, task.eval.images, task.eval.labels, opt, cfg, MEAN, STD,
+        torch.device("cpu"), seed=7,
+    )  # fmt: skip
+    usual = usual_run(
+        theirs, root, size, MEAN, STD, torch.device("cpu"), epochs=epochs, batch_size=16, lr=lr,
+        warmup_epochs=1, num_workers=0, seed=7,
+    )  # fmt: skip
+    a, b = vpeft.delta_state_dict(ours), vpeft.delta_state_dict(theirs)
+    assert a.keys() == b.keys()
+    moved = max((a[k] - model().state_dict()[k]).abs().max().item() for k in a)
+    assert moved > 1e-3  # training changed the delta, so agreeing below is not agreeing at init
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4)
+    assert usual.top1 == pytest.approx(res.top1, abs=100 / 24 + 1e-9)  # at most one test image apart
+    assert (usual.epochs_run, usual.batch_size, usual.dtype) == (epochs, 16, "fp32")
+
+
+def test_usual_recipe_extrapolates_a_cut_short_run(tmp_path):
+    samples = [(Image.new("RGB", (9, 7), (k * 20, 0, 0)), k % 2) for k in range(8)]
+    root = write_noah(tmp_path / "task", {"train800val200": samples, "test": samples[:4]})
+    m = vpeft.apply_method(make_vit(), "linear")
+    m.reset_classifier(2)
+    cpu = torch.device("cpu")
+    r = usual_run(m, root, (32, 32), MEAN, STD, cpu, epochs=10, run_epochs=2, batch_size=4, num_workers=0)
+    assert (r.epochs_run, r.epochs) == (2, 10)
+    assert r.train_seconds_full == pytest.approx(5 * r.train_seconds)
+    assert r.train_images_per_s == pytest.approx(2 * 8 / r.train_seconds)
+
+
+@pytest.mark.parametrize("arch", ["vit", "dinov2_reg"])
+def test_train_step_flops_closed_form(arch):
+    """Full fine-tuning: 3x the forward (input and weight gradients), except the patch embedding,
+    whose input needs no gradient (2x). A frozen backbone back-propagating to its input: 2x the
+    matmuls (input gradients only), but still 3x attention (dQ, dK, dV: twice its forward)."""
+    model = make_vit(arch)
+    size = (3, *model.patch_embed.img_size)
+    fwd, by_op = count_flops(model, size)
+    conv = sum(n for op, n in by_op.items() if "convolution" in op)
+    attention = sum(n for op, n in by_op.items() if "scaled_dot_product" in op)
+    assert conv > 0 and attention > 0
+    assert train_step_flops(model, size) == 3 * fwd - conv
+    for p in model.parameters():
+        p.requires_grad_(False)
+    assert train_step_flops(model, size) == 2 * fwd + attention
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_sequence_length_counts_prefix_tokens_and_prompts():
+    model = make_vit("dinov2_reg")  # 16 px / patch 4 -> 16 patches, class token + 4 registers
+    assert sequence_length(model) == 16 + 5
+    vpeft.apply_method(model, "vpt_deep", num_tokens=7)
+    assert sequence_length(model) == 16 + 5 + 7
+
+
+@pytest.mark.parametrize(
+    "name,peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L40S", 362.1),
+        ("NVIDIA L4", 121.0),
+        ("AMD EPYC 7763 64-Core Processor", None),
+    ],
+)
+def test_bf16_peak_by_gpu_name(name, peak):
+    assert bf16_peak_tflops(name) == peak
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "vpt_deep", "ssf"])
+def test_compiled_equals_eager(method):
+    torch._dynamo.reset()
+    model = vpeft.apply_method(make_vit(), method)
+    model.train()
+    x = tiny_input(model, batch=4)
+    y = torch.tensor([0, 1, 2, 3])
+    grads = []
+    for forward in (model, torch.compile(model)):
+        out = forward(x)
+        F.cross_entropy(out, y).backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        model.zero_grad(set_to_none=True)
+    (eager, g_eager), (compiled, g_compiled) = grads
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-4)
+    assert g_eager.keys() == g_compiled.keys()
+    for n in g_eager:
+        torch.testing.assert_close(g_compiled[n], g_eager[n], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@needs_cifar10
+def test_bench_train_quick_runs_every_section(tmp_path):
+    root = real_subset(tmp_path / "task", 32, 24)
+    cmd = [
+        sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--quick", "--methods", "lora", "vpt_deep",
+        "--data", str(root), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "train_cpu_quick.json").read_text())
+    s = result["sections"]
+    assert set(s) == {"step", "final", "usual", "peft", "scaling", "sweep"}
+    assert not [k for k, v in s.items() if isinstance(v, dict) and "error" in v]
+    assert [r["method"] for r in s["step"]] == ["(frozen backbone)", "lora", "vpt_deep"]
+    vpt = s["step"][2]
+    assert vpt["tokens"] == s["step"][1]["tokens"] + 10 and vpt["train_gflops_per_image"] > 0
+    assert s["final"]["runs"][0]["cache_hit"] and s["final"]["runs"][0]["n_eval"] == 24
+    assert s["usual"]["runs"][0]["epochs_run"] == 1
+    assert [r["num_tokens"] for r in s["scaling"]["prompts"]] == [4, 16]
+    assert s["sweep"]["ok"] == s["sweep"]["runs"] == 2
+    assert set(result["speedup_per_run"]) == {"fp32"}
+    if "skipped" not in s["peft"]:
+        assert s["peft"]["ours_over_peft"] > 0
+    md = (tmp_path / "out" / "train_cpu_quick.md").read_text()
+    for title in ("Training step", "One VTAB-1k final run", "VPT-deep against its prompt length", "Sweep throughput"):
+        assert title in md
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@needs_cifar10
+def test_bench_train_on_cuda(tmp_path):
+    """On a GPU: bf16 steps eager and compiled, the peak share where the GPU is known, every section."""
+    root = real_subset(tmp_path / "task", 64, 64)
+    cmd = [
+        sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--step-backbones", "vit_tiny_patch16_224",
+        "--methods", "lora", "--batch", "64", "--steps", "3", "--warmup", "2", "--backbone", "vit_tiny_random",
+        "--random-init", "--epochs", "2", "--usual-workers", "2", "--batches", "32", "--prompts", "10",
+        "--sweep-runs", "2", "--jobs-per-gpu", "2", "--data", str(root), "--out", str(tmp_path / "out"),
+        "--cache", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result_file,) = (tmp_path / "out").glob("train_*.json")
+    result = json.loads(result_file.read_text())
+    steps = result["sections"]["step"]
+    assert {r["compiled"] for r in steps} == {False, True} and {r["dtype"] for r in steps} == {"bf16"}
+    if result["bf16_peak_tflops"]:
+        assert all(0 < r["peak_share"] < 1 for r in steps)
+    assert {r["amp"] for r in result["sections"]["final"]["runs"]} == {"bf16"}
+    assert set(result["speedup_per_run"]) == {"fp32", "bf16"}
+    assert result["sections"]["sweep"]["ok"] == 2
