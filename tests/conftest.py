@@ -25,6 +25,15 @@ def tiny_input(model: VisionTransformer, batch: int = 2, seed: int = 1) -> torch
     return torch.randn(batch, 3, *size, generator=g)
 
 
+@pytest.fixture
+def real_cifar10():
+    """The real task folder; its absence is a broken setup, not a reason to skip."""
+    from data_helpers import REAL_CIFAR10
+
+    assert REAL_CIFAR10.is_dir(), f"the real VTAB-1k cifar10 task is expected at {REAL_CIFAR10} (../shared)"
+    return REAL_CIFAR10
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-REAL_CIFAR10 = Path("/work/shared/data/vtab-1k/cifar10")
+# the real VTAB-1k task in ../shared beside the checkout (where CI puts it)
+REAL_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "vtab-1k" / "cifar10"
 
 
 def color_of(k: int) -> tuple[int, int, int]:

@@ -75,7 +75,7 @@ def test_unknown_name_and_bad_arguments():
 
 # ---- the real cifar10 task folder -------------------------------------------------------------
 
-needs_cifar10 = pytest.mark.skipif(not REAL_CIFAR10.is_dir(), reason=f"{REAL_CIFAR10} not present")
+needs_cifar10 = pytest.mark.usefixtures("real_cifar10")
 
 
 @needs_cifar10

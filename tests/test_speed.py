@@ -28,7 +28,7 @@ from vpeft.engine.loop import Normalizer, TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-needs_cifar10 = pytest.mark.skipif(not REAL_CIFAR10.is_dir(), reason=f"needs the real task folder {REAL_CIFAR10}")
+needs_cifar10 = pytest.mark.usefixtures("real_cifar10")
 
 
 def real_subset(root: Path, n_train: int, n_test: int, odd_modes: bool = True) -> Path:
