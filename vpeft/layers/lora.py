@@ -64,7 +64,9 @@ class LoRA(OutputDelta):
         return self._b().float() @ self._a().float()
 
     def forward(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out + F.linear(F.linear(self.dropout(inp), self._a()), self._b())
+        h = F.linear(self.dropout(inp), self._a())
+        # out + h @ B^T as one GEMM whose epilogue adds ``out``: no separate pass over the output
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self._b().t()).view(out.shape)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, segments={self.segments}"
