@@ -12,7 +12,7 @@ import argparse
 import difflib
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +126,19 @@ def create_backbone(
         mean=tuple(float(v) for v in data["mean"]),
         std=tuple(float(v) for v in data["std"]),
         interpolation=str(data["interpolation"]),
+    )
+
+
+def backbone_from_config(cfg: Mapping[str, Any], num_classes: int) -> Backbone:
+    """``create_backbone`` from a ``conf/backbone`` mapping (name, pretrained, img_size, checkpoint, ...)."""
+    return create_backbone(
+        cfg["name"],
+        num_classes,
+        pretrained=cfg.get("pretrained", True),
+        img_size=cfg.get("img_size"),
+        checkpoint=cfg.get("checkpoint"),
+        offline=cfg.get("offline"),
+        drop_path_rate=cfg.get("drop_path_rate", 0.0),
     )
 
 

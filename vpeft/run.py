@@ -262,7 +262,7 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
 def execute(plan: Plan, device: torch.device, multirun: bool, started: str) -> dict[str, Any]:
     from hydra.utils import instantiate
 
-    from vpeft.backbones import create_backbone
+    from vpeft.backbones import backbone_from_config, create_backbone
     from vpeft.data import load_task
     from vpeft.loggers import NullLogger, make_logger
 
@@ -274,15 +274,7 @@ def execute(plan: Plan, device: torch.device, multirun: bool, started: str) -> d
     try:
         seed_everything(plan.seed)
         bb_cfg = r["backbone"]
-        bb = create_backbone(
-            bb_cfg["name"],
-            num_classes=0,
-            pretrained=bb_cfg.get("pretrained", True),
-            img_size=bb_cfg.get("img_size"),
-            checkpoint=bb_cfg.get("checkpoint"),
-            offline=bb_cfg.get("offline"),
-            drop_path_rate=bb_cfg.get("drop_path_rate", 0.0),
-        )
+        bb = backbone_from_config(bb_cfg, num_classes=0)
         record["backbone_weights"] = bb.weights
         ds = dict(r["dataset"])
         name = ds.pop("name")

@@ -13,15 +13,14 @@ from typing import Any
 from vpeft.results.record import validate
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON to a temp file in the same folder, fsync, then rename over ``path``."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to a temp file in the same folder, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -29,6 +28,11 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """``obj`` as indented JSON, written atomically."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def write_record(path: str | Path, record: dict[str, Any]) -> Path:
