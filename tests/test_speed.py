@@ -6,6 +6,7 @@ pieces it times are correct, and that the script runs end to end (on a CPU, in i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from vpeft.bench.speed import bf16_peak_tflops, sequence_length, train_step_flop
 from vpeft.bench.usual import EngineOrder, ImageFiles, usual_run
 from vpeft.data import load_task
 from vpeft.engine.loop import Normalizer, TrainConfig, train
+from vpeft.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -126,6 +128,50 @@ def test_usual_recipe_extrapolates_a_cut_short_run(tmp_path):
     assert (r.epochs_run, r.epochs) == (2, 10)
     assert r.train_seconds_full == pytest.approx(5 * r.train_seconds)
     assert r.train_images_per_s == pytest.approx(2 * 8 / r.train_seconds)
+
+
+def bench_train_script():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--method", "lora2"], "unknown method 'lora2'; valid methods: adapter_houlsby"),
+        (["--methods", "lora", "vpt"], "unknown method 'vpt'; valid methods:"),
+        (["--backbone", "vit_b16"], "unknown backbone config 'vit_b16'; valid (conf/backbone/): dinov2_s14_offline"),
+        (["--data", "/nonexistent/task"], "--data /nonexistent/task lacks train800val200.txt, test.txt"),
+    ],
+)
+def test_bench_train_rejects_bad_input_before_measuring(argv, message, capsys, tmp_path):
+    script = bench_train_script()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([*argv, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    if "--data" in argv:
+        assert "train800val200.txt" in err and "images/" in err  # the expected layout is drawn
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_train_data_check_only_when_a_section_reads_data(tmp_path):
+    args = bench_train_script().parse_args(["--sections", "step", "--data", str(tmp_path / "none")])
+    assert args.sections == ["step"]
+
+
+def test_usual_recipe_names_a_corrupt_image(tmp_path):
+    samples = [(Image.new("RGB", (9, 7), (k * 20, 0, 0)), k % 2) for k in range(3)]
+    root = write_noah(tmp_path / "task", {"train800val200": samples, "test": samples})
+    bad = root / "images" / "test" / "000001.png"
+    bad.write_bytes(b"not an image")
+    files = ImageFiles(root, "test", (8, 8), MEAN, STD)
+    files[0]
+    with pytest.raises(DataError, match=r"cannot read image .*000001\.png \(.*test\.txt line 2\)"):
+        files[1]
 
 
 @pytest.mark.parametrize("arch", ["vit", "dinov2_reg"])

@@ -25,6 +25,7 @@ from torchvision.transforms import v2 as T
 from vpeft.bench._common import autocast, synchronize
 from vpeft.data.decode import resampling
 from vpeft.data.folder import read_list
+from vpeft.errors import DataError
 
 
 class ImageFiles(Dataset):
@@ -48,8 +49,12 @@ class ImageFiles(Dataset):
 
     def pil(self, i: int) -> Image.Image:
         """The resized RGB image, before tensor conversion (what Resize((H, W)) on a PIL image gives)."""
-        with Image.open(self.entries[i].path) as img:
-            return img.convert("RGB").resize(self.size[::-1], self.resample)
+        entry = self.entries[i]
+        try:
+            with Image.open(entry.path) as img:
+                return img.convert("RGB").resize(self.size[::-1], self.resample)
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for missing, truncated, corrupt files
+            raise DataError(f"cannot read image {entry.path} ({entry.where()}): {e}") from e
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.normalize(self.pil(i)), self.entries[i].label
