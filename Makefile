@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # A known-good torch pair; override e.g. TORCH="torch torchvision" for the newest release.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean gpu-pack gpu-check gpu-check-dry
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,19 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The GPU check (scripts/gpu_check.py): pack the bundle here, run it on the GPU machine, where
+# python3 is the machine's own interpreter unless this checkout's .venv exists there.
+CHECK_PY = $(if $(wildcard $(PY)),$(PY),python3)
+
+gpu-pack: setup
+	$(PY) scripts/gpu_check.py pack
+
+gpu-check:
+	$(CHECK_PY) scripts/gpu_check.py run $(ARGS)
+
+gpu-check-dry: setup
+	$(PY) scripts/gpu_check.py run --dry --out outputs/gpu_check $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

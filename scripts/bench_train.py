@@ -18,8 +18,13 @@ Sections (all timed in this process, on the same device and data):
            same projections adapted): training-step images/s; merged inference against the bare model.
   scaling  images/s against the batch size (LoRA) and against VPT-deep's prompt length, with the
            per-token rate (images/s x sequence length) relative to LoRA's.
+  latency  inference latency of each method (--methods) as trained and, where mergeable, merged,
+           against the bare backbone in the same process: batch 1 and 64, fp32 and bf16 on CUDA.
+  profile  a torch.profiler summary of a few training steps of each method in --methods (the
+           slowest ones, to see where their time goes).
   sweep    final runs per GPU-hour through `run.py -m hydra/launcher=gpus` with several runs
-           sharing the GPU (jobs_per_gpu), against the usual recipe's runs per hour.
+           sharing the GPU (jobs_per_gpu), against the usual recipe's runs per hour; with
+           --sweep-epochs the runs are shorter and the hour is extrapolated to --epochs.
 
 Writes results/benchmarks/train_<device>.json (every number, the environment and the arguments) and
 train_<device>.md. The data is a VTAB-1k task folder (default: the real cifar10 task in
@@ -60,7 +65,7 @@ from vpeft.results import iter_records  # noqa: E402
 from vpeft.results.render import Out, Table, table_markdown  # noqa: E402
 from vpeft.results.store import write_json_atomic, write_text_atomic  # noqa: E402
 
-SECTIONS = ("step", "final", "usual", "peft", "scaling", "sweep")
+SECTIONS = ("step", "final", "usual", "peft", "scaling", "latency", "profile", "sweep")
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "vtab-1k" / "cifar10"
 LORA_QKV = {"r": 8, "alpha": 8, "targets": ["q", "k", "v"]}  # the projections peft's "qkv" target adapts
 
@@ -75,6 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
     p.add_argument("--compile", choices=("eager", "compiled", "both"), default=None, help="default: both on CUDA")
+    p.add_argument("--no-floor", action="store_true", help="step section: leave out the frozen-backbone floor")
     p.add_argument("--backbone", default="vit_b16_in21k", help="conf/backbone/<name>.yaml of the run sections")
     p.add_argument("--checkpoint", default=None, help="local weights for that backbone")
     p.add_argument("--random-init", action="store_true", help="no pretrained weights (timing only)")
@@ -87,7 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     p.add_argument("--prompts", type=int, nargs="+", default=[10, 25, 50, 100, 200])
     p.add_argument("--sweep-runs", type=int, default=8, help="final runs in the sweep section")
+    p.add_argument("--sweep-epochs", type=int, default=None, help="shorter sweep runs; runs/hour extrapolated")
     p.add_argument("--jobs-per-gpu", type=int, default=4, help="runs sharing the GPU in the sweep section")
+    p.add_argument("--latency-batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=str(ROOT / "results" / "benchmarks"))
     p.add_argument("--cache", default=None, help="cache root, as run.py's paths.cache (default: ~/.cache/vpeft)")
@@ -167,11 +175,12 @@ def section_step(args, device, peak) -> list[dict[str, Any]]:
     methods = args.methods or vpeft.list_methods()
     for backbone in args.step_backbones:
         for compiled in compile_modes(args, device):
-            model = bare(backbone, args.img_size)
-            for p in model.parameters():
-                p.requires_grad_(False)
-            rows.append(step_row(model, "(frozen backbone)", backbone, args, device, peak, compiled, frozen=True))
-            log(rows[-1])
+            if not args.no_floor:
+                model = bare(backbone, args.img_size)
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                rows.append(step_row(model, "(frozen backbone)", backbone, args, device, peak, compiled, frozen=True))
+                log(rows[-1])
             for method in methods:
                 model = vpeft.apply_method(bare(backbone, args.img_size), method)
                 rows.append(step_row(model, method, backbone, args, device, peak, compiled))
@@ -372,10 +381,63 @@ def section_scaling(args, device) -> dict[str, Any]:
     return out
 
 
+def section_latency(args, device) -> dict[str, Any]:
+    """Each method's inference latency as trained and merged, over the bare backbone, in one process."""
+    backbone = args.step_backbones[0]
+    size = (3, args.img_size, args.img_size)
+    baseline = bare(backbone, args.img_size).to(device)
+    cpu = device.type != "cuda"
+    rows, reports = [], {}
+    for method in args.methods or vpeft.list_methods():
+        model = vpeft.apply_method(bare(backbone, args.img_size), method)
+        rep = measure_latency(
+            model, size, batches=args.latency_batches, baseline=baseline, device=device,
+            warmup=1 if cpu else None, iters=3 if cpu else None,
+        )  # fmt: skip
+        reports[method] = rep.to_dict()
+        for dtype in rep.dtypes:
+            for b in rep.batches:
+                stats = [s for s in rep.results if (s.dtype, s.batch) == (dtype, b)]
+                row = {"method": method, "dtype": dtype, "batch": b, "bare_ms": rep.stat("bare", dtype, b).median_ms}
+                for variant in ("unmerged", "merged"):
+                    s = rep.stat(variant, dtype, b)
+                    row[f"{variant}_ms"] = s.median_ms if s else None
+                    row[f"{variant}_x"] = rep.ratio(variant, dtype, b)
+                row["max_p90_over_median"] = max(s.p90_ms / s.median_ms for s in stats)
+                rows.append(row)
+                log(row)
+        del model
+        empty_cache(device)
+    return {"backbone": backbone, "rows": rows, "reports": reports}
+
+
+def section_profile(args, device) -> dict[str, Any]:
+    """Where a training step's time goes: torch.profiler over a few steps of each method in --methods."""
+    from torch.profiler import ProfilerActivity, profile
+
+    backbone = args.step_backbones[0]
+    size = (3, args.img_size, args.img_size)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    out = {}
+    for method in args.methods or ["lora"]:
+        model = vpeft.apply_method(bare(backbone, args.img_size), method).to(device)
+        measure_training(model, size, batch_size=args.batch, steps=1, warmup=args.warmup, device=device)  # warm
+        with profile(activities=activities) as prof:
+            rep = measure_training(model, size, batch_size=args.batch, steps=args.steps, warmup=0, device=device)
+        table = prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60)
+        out[method] = {"images_per_s_profiled": rep.images_per_s, "steps": args.steps, "table": table}
+        print(table, flush=True)
+        del model, prof
+        empty_cache(device)
+    return out
+
+
 def section_sweep(args, device, cache: Path, usual: dict[str, Any] | None) -> dict[str, Any]:
     """Final runs through the real launcher, ``jobs_per_gpu`` at a time on one GPU."""
     cfg = backbone_config(args)
     k = max(1, args.jobs_per_gpu)
+    epochs = args.sweep_epochs or args.epochs
     with tempfile.TemporaryDirectory(prefix="vpeft-sweep-") as tmp:
         overrides = [
             f"backbone={args.backbone}",
@@ -386,8 +448,8 @@ def section_sweep(args, device, cache: Path, usual: dict[str, Any] | None) -> di
             f"dataset.root={Path(args.data).resolve()}",
             "protocol=final",
             f"seed={','.join(str(s) for s in range(args.sweep_runs))}",
-            f"trainer.epochs={args.epochs}",
-            f"trainer.warmup_epochs={min(10, args.epochs)}",
+            f"trainer.epochs={epochs}",
+            f"trainer.warmup_epochs={min(10, epochs)}",
             f"optim.lr={args.lr}",
             "trainer.progress=false",
             "bench.latency=false",
@@ -404,13 +466,21 @@ def section_sweep(args, device, cache: Path, usual: dict[str, Any] | None) -> di
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", *overrides], capture_output=True, text=True)
         wall = time.perf_counter() - start
-        ok = sum(1 for _, record in iter_records(Path(tmp, "runs")) if record.get("status") == "ok")
+        done = [r for _, r in iter_records(Path(tmp, "runs")) if r.get("status") == "ok"]
+    train_seconds = sum(r["cost"]["train_seconds"] for r in done)
+    # every run trains (args.epochs / epochs) times longer at the full schedule; k runs train at once
+    full_wall = wall + (args.epochs / epochs - 1) * train_seconds / k
     out: dict[str, Any] = {
         "runs": args.sweep_runs,
-        "ok": ok,
+        "ok": len(done),
         "jobs_per_gpu": k,
+        "epochs_run": epochs,
+        "epochs": args.epochs,
         "wall_seconds": wall,
-        "runs_per_hour": 3600 * ok / wall,
+        "train_seconds_sum": train_seconds,
+        "full_wall_seconds": full_wall,
+        "runs_per_hour": 3600 * len(done) / full_wall,
+        "extrapolated": epochs != args.epochs,
         "returncode": proc.returncode,
     }
     if proc.returncode != 0:
@@ -502,11 +572,21 @@ def markdown(result: dict[str, Any]) -> str:
         cols = [("prompts", "num_tokens", ""), ("tokens", "tokens", ""), ("images/s", "images_per_s", ",.0f"),
                 ("tokens/s", "tokens_per_s", ",.0f"), ("per token / LoRA", "per_token_vs_lora", ".2f")]  # fmt: skip
         tables.append(table("prompts", "VPT-deep against its prompt length", cols, sc["prompts"]))
+    if (lat := s.get("latency")) and "rows" in lat:
+        cols = [("method", "method", ""), ("dtype", "dtype", ""), ("batch", "batch", ""), ("bare ms", "bare_ms", ".2f"),
+                ("unmerged ms", "unmerged_ms", ".2f"), ("unmerged / bare", "unmerged_x", ".3f"),
+                ("merged ms", "merged_ms", ".2f"), ("merged / bare", "merged_x", ".3f"),
+                ("max p90 / median", "max_p90_over_median", ".2f")]  # fmt: skip
+        notes = ["medians of interleaved calls, each synchronised; bare re-timed beside every method"]
+        tables.append(table("latency", f"Inference latency ({lat['backbone']})", cols, lat["rows"], notes))
     if (sw := s.get("sweep")) and "runs" in sw:
         cols = [("runs", "runs", ""), ("ok", "ok", ""), ("jobs per GPU", "jobs_per_gpu", ""),
-                ("wall s", "wall_seconds", ".1f"), ("runs per hour", "runs_per_hour", ".1f"),
-                ("usual runs per hour", "usual_runs_per_hour", ".1f"), ("ratio", "ratio_to_usual", ".1f")]  # fmt: skip
-        tables.append(table("sweep", "Sweep throughput (run.py -m, hydra/launcher=gpus)", cols, [sw]))
+                ("epochs run", "epochs_run", ""), ("wall s", "wall_seconds", ".1f"),
+                ("runs per hour", "runs_per_hour", ".1f"), ("usual runs per hour", "usual_runs_per_hour", ".1f"),
+                ("ratio", "ratio_to_usual", ".1f")]  # fmt: skip
+        notes = [f"runs per hour at {sw['epochs']} epochs" + (" (extrapolated from the shorter runs' training time)"
+                 if sw.get("extrapolated") else "")]  # fmt: skip
+        tables.append(table("sweep", "Sweep throughput (run.py -m, hydra/launcher=gpus)", cols, [sw], notes))
     for name, sec in s.items():
         if isinstance(sec, dict) and "skipped" in sec:
             lines.append(f"- {name}: skipped ({sec['skipped']})")
@@ -547,6 +627,10 @@ def main(argv: list[str] | None = None) -> int:
                 sections["peft"] = section_peft(args, device, peak)
             elif section == "scaling":
                 sections["scaling"] = section_scaling(args, device)
+            elif section == "latency":
+                sections["latency"] = section_latency(args, device)
+            elif section == "profile":
+                sections["profile"] = section_profile(args, device)
             elif section == "sweep":
                 sections["sweep"] = section_sweep(args, device, cache, sections.get("usual"))
         except Exception as e:  # one failing section must not lose the others' numbers

