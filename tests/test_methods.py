@@ -195,3 +195,36 @@ def test_deepcopy_keeps_the_delta_working():
     perturb_delta(model)
     x = tiny_input(model)
     assert torch.equal(copy.deepcopy(model)(x), model(x))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_bf16_autocast_keeps_the_backbones_dtypes(name):
+    """Under bf16 autocast every backbone layer outputs the dtype it outputs without the method.
+
+    A delta kept in fp32 must not promote the activations it touches to fp32: that doubles their
+    memory and adds a cast before the next matmul (SSF once ran at half LoRA's speed on a GPU so).
+    """
+
+    def dtypes(model):
+        seen = {}
+
+        def record(name):
+            def hook(module, args, out):
+                seen.setdefault(name, out.dtype)
+
+            return hook
+
+        hooks = [
+            m.register_forward_hook(record(n))
+            for n, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.LayerNorm, nn.Conv2d))
+        ]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(tiny_input(model))
+        for h in hooks:
+            h.remove()
+        return seen
+
+    bare = dtypes(make_vit())
+    tuned = dtypes(vpeft.apply_method(make_vit(), name))
+    assert {n: tuned[n] for n in bare if n in tuned} == {n: bare[n] for n in bare if n in tuned}

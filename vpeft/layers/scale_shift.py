@@ -28,7 +28,10 @@ class ScaleShift(OutputDelta):
         return t.view(-1, *([1] * (ndim - 1 - self.channel_axis)))
 
     def forward(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out * self._view(self.scale, out.ndim) + self._view(self.shift, out.ndim)
+        # in the layer's dtype: under bf16 autocast an fp32 scale would promote every activation it
+        # touches to fp32 (twice the memory, a cast back before the next matmul); one fused kernel
+        scale = self._view(self.scale, out.ndim).to(out.dtype)
+        return torch.addcmul(self._view(self.shift, out.ndim).to(out.dtype), out, scale)
 
 
 def fold_affine(host: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None = None) -> None:
