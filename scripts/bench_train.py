@@ -38,6 +38,7 @@ import argparse
 import copy
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -103,9 +104,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.step_backbones, args.img_size, args.batch, args.steps, args.warmup = ["vit_tiny_patch16_224"], 32, 8, 2, 1
-        args.backbone, args.random_init, args.epochs, args.usual_epochs = "vit_tiny_random", True, 1, 1
+        args.backbone, args.random_init, args.epochs, args.usual_epochs = "vit_tiny_random", True, 2, 1
         args.usual_workers, args.batches, args.prompts = 0, [4, 8], [4, 16]
-        args.sweep_runs, args.jobs_per_gpu = 2, 2
+        args.latency_batches = [1, 4]
+        if args.sweep_epochs:
+            args.sweep_epochs = 1  # still shorter than the schedule: the extrapolation is exercised
+        if args.sweep_runs == p.get_default("sweep_runs") and args.jobs_per_gpu == p.get_default("jobs_per_gpu"):
+            args.sweep_runs, args.jobs_per_gpu = 2, 2
     check_args(p, args)
     return args
 
@@ -170,8 +175,8 @@ def bare(name: str, img_size: int, num_classes: int = 100):
     return create_backbone(name, num_classes, pretrained=False, img_size=img_size).model
 
 
-def section_step(args, device, peak) -> list[dict[str, Any]]:
-    rows = []
+def section_step(args, device, peak, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fills ``rows`` as it goes, so a run stopped part-way keeps the rows it measured."""
     methods = args.methods or vpeft.list_methods()
     for backbone in args.step_backbones:
         for compiled in compile_modes(args, device):
@@ -381,13 +386,17 @@ def section_scaling(args, device) -> dict[str, Any]:
     return out
 
 
-def section_latency(args, device) -> dict[str, Any]:
-    """Each method's inference latency as trained and merged, over the bare backbone, in one process."""
+def section_latency(args, device, out: dict[str, Any]) -> dict[str, Any]:
+    """Each method's inference latency as trained and merged, over the bare backbone, in one process.
+
+    Fills ``out`` as it goes, so a run stopped part-way keeps the methods it measured.
+    """
     backbone = args.step_backbones[0]
     size = (3, args.img_size, args.img_size)
     baseline = bare(backbone, args.img_size).to(device)
     cpu = device.type != "cuda"
-    rows, reports = [], {}
+    out.update(backbone=backbone, rows=[], reports={})
+    rows, reports = out["rows"], out["reports"]
     for method in args.methods or vpeft.list_methods():
         model = vpeft.apply_method(bare(backbone, args.img_size), method)
         rep = measure_latency(
@@ -408,7 +417,7 @@ def section_latency(args, device) -> dict[str, Any]:
                 log(row)
         del model
         empty_cache(device)
-    return {"backbone": backbone, "rows": rows, "reports": reports}
+    return out
 
 
 def section_profile(args, device) -> dict[str, Any]:
@@ -595,8 +604,17 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines + [""] + [table_markdown(t) for t in tables])
 
 
+class Stopped(BaseException):
+    """SIGTERM arrived (a time cap, a scheduler): write what was measured and stop."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
     device = resolve_device(args.device)
     name = device_name(device)
     peak = bf16_peak_tflops(name) if device.type == "cuda" else None
@@ -618,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{section}]", flush=True)
         try:
             if section == "step":
-                sections["step"] = section_step(args, device, peak)
+                sections["step"] = []
+                section_step(args, device, peak, sections["step"])
             elif section == "final":
                 sections["final"] = section_final(args, device, cache)
             elif section == "usual":
@@ -628,14 +647,27 @@ def main(argv: list[str] | None = None) -> int:
             elif section == "scaling":
                 sections["scaling"] = section_scaling(args, device)
             elif section == "latency":
-                sections["latency"] = section_latency(args, device)
+                sections["latency"] = {}
+                section_latency(args, device, sections["latency"])
             elif section == "profile":
                 sections["profile"] = section_profile(args, device)
             elif section == "sweep":
                 sections["sweep"] = section_sweep(args, device, cache, sections.get("usual"))
-        except Exception as e:  # one failing section must not lose the others' numbers
+        except (Exception, Stopped) as e:  # one failing section must not lose the others' numbers
             traceback.print_exc()
-            sections[section] = {"error": f"{type(e).__name__}: {e}"}
+            error = f"{type(e).__name__}: {e}"
+            partial = sections.get(section)
+            if isinstance(partial, dict) and partial:
+                partial["error"] = error  # what it measured before it stopped stays
+            elif isinstance(partial, list) and partial:
+                result.setdefault("partial", {})[section] = error
+            else:
+                sections[section] = {"error": error}
+            if isinstance(e, Stopped):
+                write_json_atomic(out / f"{stem}.json", copy.deepcopy(result))
+                write_text_atomic(out / f"{stem}.md", markdown(result))
+                print(f"stopped; wrote what was measured to {out / stem}.json and .md", flush=True)
+                return 1
         if (fin := sections.get("final")) and (usual := sections.get("usual")) and "runs" in fin and "runs" in usual:
             best = min(r["total_seconds"] for r in fin["runs"])
             result["speedup_per_run"] = {u["dtype"]: u["total_seconds"] / best for u in usual["runs"]}

@@ -167,10 +167,13 @@ def sh(ctx: Ctx, cmd: list[str], cap: float, name: str) -> tuple[int | None, str
     reader.start()
     try:
         rc: int | None = proc.wait(timeout=max(cap, 1))
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    except subprocess.TimeoutExpired:  # SIGTERM first: bench_train.py then writes what it measured
+        for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=grace)
+                break
         rc = None
     reader.join(timeout=10)
     seconds = time.monotonic() - start
@@ -389,9 +392,9 @@ STEPS = [
     ("final", 200, step_final),
     ("step_compiled", 150, step_compiled),
     ("peft", 60, step_peft),
-    ("latency", 120, step_latency),
+    ("latency", 150, step_latency),
     ("profile", 60, step_profile),
-    ("sweep", 150, step_sweep),
+    ("sweep", 180, step_sweep),
     ("pytest_gpu_slow", 150, lambda ctx, cap: step_pytest(ctx, cap, "gpu and slow")),
 ]
 STEP_NAMES = [name for name, _, _ in STEPS]
@@ -469,6 +472,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"python {env.get('python')}, vpeft git {env.get('git_sha')}; {result['started']}; budget "
         f"{result['budget_seconds']:.0f} s, used {result.get('seconds', 0):.0f} s.",
         "",
+        *(
+            [f"Merged from {len(result['calls'])} calls:", ""]
+            + [f"- {c['started']}: `{c['command']}` ({c.get('seconds', 0):.0f} s)" for c in result["calls"]]
+            + [""]
+            if len(result.get("calls", [])) > 1
+            else []
+        ),
         "| step | status | seconds | detail |",
         "|---|---|---:|---|",
     ]
@@ -527,17 +537,32 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
+def stem(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    return "gpu_check_" + ("dry" if result["dry"] else slug(env.get("gpu") or env.get("device_name") or "unknown"))
+
+
 def write(ctx: Ctx) -> None:
     from vpeft.results.store import write_json_atomic, write_text_atomic
 
     ctx.result["targets"] = targets(ctx.result)
-    env = ctx.result["environment"]
-    stem = "gpu_check_" + ("dry" if ctx.dry else slug(env.get("gpu") or env.get("device_name") or "unknown"))
     folders = [Path(ctx.args.out)] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
     text = markdown(ctx.result)
     for folder in folders:
-        write_json_atomic(folder / f"{stem}.json", ctx.result)
-        write_text_atomic(folder / f"{stem}.md", text)
+        write_json_atomic(folder / f"{stem(ctx.result)}.json", ctx.result)
+        write_text_atomic(folder / f"{stem(ctx.result)}.md", text)
+
+
+def resume(ctx: Ctx) -> None:
+    """Keep the steps of an earlier check of this GPU that this call does not run again (--resume)."""
+    path = Path(ctx.args.out) / f"{stem(ctx.result)}.json"
+    if not path.is_file():
+        say(ctx, f"--resume: no earlier result at {path}; starting afresh")
+        return
+    old = json.loads(path.read_text())
+    ctx.result["calls"] = old.get("calls", []) + ctx.result["calls"]
+    ctx.result["steps"] = {k: v for k, v in old.get("steps", {}).items() if k in STEP_NAMES}
+    say(ctx, f"--resume: kept {', '.join(ctx.result['steps']) or 'no steps'} from {path}")
 
 
 # -- run: set-up ---------------------------------------------------------------------------------------
@@ -571,7 +596,7 @@ def prepare(args: argparse.Namespace, work: Path, log: Any) -> tuple[dict[str, s
         data = work / "data" / "cifar10"
     data = data or SHARED_CIFAR10
     if not (data / "train800val200.txt").is_file():
-        raise SystemExit(f"error: no VTAB-1k task at {data}: run `make gpu-pack` (bundle) or pass --data FOLDER")
+        raise BadInput(f"no VTAB-1k task at {data}: run `make gpu-pack` (the bundle) or pass --data FOLDER")
     if args.dry:
         data = subset(data, work / "data" / "subset", args.dry_images)
     env["VPEFT_CIFAR10_TASK"] = str(data)
@@ -611,21 +636,29 @@ def subset(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
+class BadInput(Exception):
+    """Input the check cannot run on: exit 2 with the message, before any step."""
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     t0 = time.monotonic()
+    import torch
+
+    if not args.dry and not torch.cuda.is_available():
+        print("error: no CUDA GPU here; `make gpu-check-dry` runs the same steps on a CPU", file=sys.stderr)
+        return 2
     work = Path(args.work or tempfile.mkdtemp(prefix="vpeft-gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
     log_path = Path(os.environ["OUT"]) / "gpu_check.log" if os.environ.get("OUT") else work / "gpu_check.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log:
-        env, data = prepare(args, work, log)
-        ctx = Ctx(args, work, data, env, log, deadline=t0 + args.budget)
-        import torch
-
-        if not args.dry and not torch.cuda.is_available():
-            print("error: no CUDA GPU here; `make gpu-check-dry` runs the same steps on a CPU", file=sys.stderr)
+        try:
+            env, data = prepare(args, work, log)
+        except BadInput as e:
+            print(f"error: {e}", file=sys.stderr)
             return 2
+        ctx = Ctx(args, work, data, env, log, deadline=t0 + args.budget)
         ctx.result = {
             "kind": "vpeft-gpu-check",
             "command": " ".join(["python", "scripts/gpu_check.py", *sys.argv[1:]]),
@@ -636,13 +669,17 @@ def run(args: argparse.Namespace) -> int:
             "data": str(data),
             "steps": {},
         }
-        say(ctx, f"gpu check: {ctx.result['environment'].get('gpu') or 'CPU (dry)'}; work folder {work}")
         chosen = args.steps or STEP_NAMES
+        ctx.result["calls"] = [{"started": started, "command": ctx.result["command"], "steps": chosen,
+                                "git_sha": ctx.result["environment"].get("git_sha")}]  # fmt: skip
+        if args.resume:
+            resume(ctx)
+        say(ctx, f"gpu check: {ctx.result['environment'].get('gpu') or 'CPU (dry)'}; work folder {work}")
         for name, cap, fn in STEPS:
             if name not in chosen:
                 continue
             budget = min(cap * (args.cap_scale or 1.0), ctx.left())
-            if budget < 15:
+            if ctx.left() < 15:
                 say(ctx, f"[{name}] not reached: {ctx.left():.0f} s of the budget left")
                 continue
             say(ctx, f"[{name}] up to {budget:.0f} s ({ctx.left():.0f} s of the budget left)")
@@ -654,11 +691,11 @@ def run(args: argparse.Namespace) -> int:
                 ctx.result["steps"][name] = {"status": "failed", "error": f"{type(e).__name__}: {e}",
                                              "tail": traceback.format_exc()[-3000:]}  # fmt: skip
             say(ctx, f"[{name}] {ctx.result['steps'][name]['status']}")
-            ctx.result["seconds"] = time.monotonic() - t0
+            ctx.result["calls"][-1]["seconds"] = ctx.result["seconds"] = time.monotonic() - t0
             write(ctx)
-        ctx.result["seconds"] = time.monotonic() - t0
+        ctx.result["calls"][-1]["seconds"] = ctx.result["seconds"] = time.monotonic() - t0
         write(ctx)
-        bad = [n for n, s in ctx.result["steps"].items() if s["status"] in ("failed", "timeout")]
+        bad = [n for n in chosen if ctx.result["steps"].get(n, {}).get("status") in ("failed", "timeout")]
         say(ctx, f"gpu check done in {ctx.result['seconds']:.0f} s; failed or timed out: {', '.join(bad) or 'none'}")
     return 1 if bad else 0
 
@@ -674,6 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dry", action="store_true", help="CPU, tiny sizes: a check of the script itself")
     r.add_argument("--budget", type=float, default=None, help="seconds for all steps (default 450; dry 900)")
     r.add_argument("--steps", nargs="+", choices=STEP_NAMES, help="only these steps")
+    r.add_argument("--resume", action="store_true", help="keep the other steps of the last result for this GPU")
     r.add_argument("--bundle", default=str(BUNDLE))
     r.add_argument("--data", default=None, help="a task folder (default: the bundle's, else ../shared's cifar10)")
     r.add_argument("--work", default=None, help="work folder (default: a new temporary one)")
