@@ -270,7 +270,7 @@ def test_bench_train_quick_runs_every_section(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "train_cpu_quick.json").read_text())
     s = result["sections"]
-    assert set(s) == {"step", "final", "usual", "peft", "scaling", "sweep"}
+    assert set(s) == {"step", "final", "usual", "peft", "scaling", "latency", "profile", "sweep"}
     assert not [k for k, v in s.items() if isinstance(v, dict) and "error" in v]
     assert [r["method"] for r in s["step"]] == ["(frozen backbone)", "lora", "vpt_deep"]
     vpt = s["step"][2]
@@ -279,11 +279,17 @@ def test_bench_train_quick_runs_every_section(tmp_path):
     assert s["usual"]["runs"][0]["epochs_run"] == 1
     assert [r["num_tokens"] for r in s["scaling"]["prompts"]] == [4, 16]
     assert s["sweep"]["ok"] == s["sweep"]["runs"] == 2
+    assert [(r["method"], r["batch"]) for r in s["latency"]["rows"]] == [
+        (m, b) for m in ("lora", "vpt_deep") for b in (1, 4)
+    ]
+    assert s["latency"]["rows"][0]["merged_x"] is not None and s["latency"]["rows"][2]["merged_x"] is None
+    assert set(s["profile"]) == {"lora", "vpt_deep"}
     assert set(result["speedup_per_run"]) == {"fp32"}
     if "skipped" not in s["peft"]:
         assert s["peft"]["ours_over_peft"] > 0
     md = (tmp_path / "out" / "train_cpu_quick.md").read_text()
-    for title in ("Training step", "One VTAB-1k final run", "VPT-deep against its prompt length", "Sweep throughput"):
+    titles = ("Training step", "One VTAB-1k final run", "VPT-deep against its prompt length", "Inference latency")
+    for title in (*titles, "Sweep throughput"):
         assert title in md
 
 
