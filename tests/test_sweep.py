@@ -137,3 +137,19 @@ def test_select_hparams_picks_best_mean_and_ignores_the_rest():
     assert chosen["a"]["values"] == {"optim.lr": 1e-2} and chosen["a"]["val_top1"] == 65.0
     assert chosen["a"]["n_candidates"] == 2
     assert chosen["b"]["values"] == {"optim.lr": 1e-3}
+
+
+def test_records_are_written_readable_by_others(tmp_path):
+    """An atomic write goes through a private temp file; the record it becomes has the usual mode."""
+    import os
+    import stat
+
+    from vpeft.results.store import write_json_atomic
+
+    old = os.umask(0o022)
+    try:
+        path = write_json_atomic(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
