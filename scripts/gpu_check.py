@@ -462,6 +462,10 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def secs(v: float | None) -> str:
+    return "–" if v is None else f"{v:.0f}"
+
+
 def markdown(result: dict[str, Any]) -> str:
     env = result["environment"]
     lines = [
@@ -474,7 +478,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         *(
             [f"Merged from {len(result['calls'])} calls:", ""]
-            + [f"- {c['started']}: `{c['command']}` ({c.get('seconds', 0):.0f} s)" for c in result["calls"]]
+            + [
+                f"- {c['started'] or 'the same lease'}: `{c['command']}` ({secs(c.get('seconds'))} s)"
+                for c in result["calls"]
+            ]
             + [""]
             if len(result.get("calls", [])) > 1
             else []
@@ -500,7 +507,7 @@ def markdown(result: dict[str, Any]) -> str:
             )  # fmt: skip
         elif name == "profile":
             detail = s.get("method", "")
-        lines.append(f"| {name} | {s['status']} | {s.get('seconds', 0):.0f} | {detail} |")
+        lines.append(f"| {name} | {s['status']} | {secs(s.get('seconds'))} | {detail} |")
     lines += ["", "## Targets", "", "| target | wanted | measured | met |", "|---|---|---|---|"]
     for t in result["targets"]:
         met = "–" if t["met"] is None else "yes" if t["met"] else "**no**"
