@@ -1,10 +1,11 @@
-# `make demo` and `make test` set up their own virtual environment on first use.
+# `make demo` and `make test` set up their own virtual environment on first use; `make test` also the
+# system packages the tests use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # A known-good torch pair; override e.g. TORCH="torch torchvision" for the newest release.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint clean gpu-pack gpu-check gpu-check-dry
+.PHONY: setup sysdeps demo test lint clean gpu-pack gpu-check gpu-check-dry
 
 setup: $(VENV)/.installed
 
@@ -20,7 +21,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) run.py +experiment=demo
 
-test: setup
+# Chromium and Debian's Fashion-MNIST, which some tests use (as root or with sudo; else the command to run)
+sysdeps:
+	@bash scripts/sysdeps.sh
+
+test: setup sysdeps
 	$(PY) -m pytest
 
 # The GPU check (scripts/gpu_check.py): pack the bundle here, run it on the GPU machine, where
