@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import gzip
 import os
+import resource
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
 import urllib.error
 import warnings
 from collections import Counter
@@ -25,7 +32,9 @@ from data_helpers import (
 from PIL import Image
 
 from vpeft.data import DATASETS, ImageSplit, TaskData, list_datasets, load_task
+from vpeft.data import cache as cache_module
 from vpeft.data import decode as decode_module
+from vpeft.data.cache import CacheWarning
 from vpeft.data.torchvision_tasks import CLEVRClosestObject
 from vpeft.errors import ConfigError, DataError, OfflineError, UnknownNameError
 from vpeft.vtab import TASKS as VTAB_TASKS
@@ -163,6 +172,18 @@ def test_liberal_list_files(tmp_path):
     assert torch.equal(task.train.images[1], pil_truth(root / "my images" / "c.tif", (3, 3)))
 
 
+def test_list_files_with_a_byte_order_mark(tmp_path):
+    """Editors on Windows write a UTF-8 BOM; it must not become part of the first path or class name."""
+    root = small_task(tmp_path / "t", n={"train800": 4, "val200": 2})
+    for name in ("train800.txt", "val200.txt", "classes.txt"):
+        path = root / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    task = load_task("folder", "tune", (4, 4), root=root, interpolation="nearest")
+    assert index_of(task.train.images).tolist() == [0, 1, 2, 3]
+    assert task.train.labels.tolist() == [0, 1, 2, 0]
+    assert task.classes == ["class0", "class1", "class2"]
+
+
 # ---- image modes and sizes ----------------------------------------------------------------------
 
 
@@ -293,6 +314,43 @@ def test_empty_split_names_the_file(tmp_path):
         load_task("imagefolder", "tune", (8, 8), root=tmp_path / "if")
 
 
+def _unblock_readers(fifo: Path, after: float, stop: threading.Event) -> None:
+    """After ``after`` seconds, open ``fifo`` for writing and close it: a reader blocked on it gets EOF."""
+    if stop.wait(after):
+        return
+    while not stop.wait(0.05):
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # ENXIO: nobody has it open for reading (yet)
+            continue
+
+
+def test_fifo_or_directory_listed_as_an_image_fails_at_once(tmp_path):
+    root = small_task(tmp_path / "t", n={"train800": 3, "val200": 2})
+    fifo = root / "images" / "train800" / "000001.png"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    stop = threading.Event()  # a loader that opens the FIFO would block forever: unblock it, and fail slow
+    watchdog = threading.Thread(target=_unblock_readers, args=(fifo, 3.0, stop), daemon=True)
+    watchdog.start()
+    try:
+        start = time.perf_counter()
+        with pytest.raises(DataError) as err:
+            load_task("folder", "tune", (4, 4), root=root, num_workers=1)
+        elapsed = time.perf_counter() - start
+    finally:
+        stop.set()
+        watchdog.join()
+    msg = str(err.value)
+    assert str(fifo) in msg and "FIFO" in msg and f"{root / 'train800.txt'} line 2" in msg
+    assert elapsed < 2.0
+    fifo.unlink()
+    fifo.mkdir()  # a directory under an image's name
+    with pytest.raises(DataError) as err:
+        load_task("folder", "tune", (4, 4), root=root)
+    assert str(fifo) in str(err.value) and "directory" in str(err.value) and "line 2" in str(err.value)
+
+
 # ---- imagefolder ---------------------------------------------------------------------------------
 
 
@@ -377,13 +435,14 @@ def test_digits_partition_is_exact_and_seeded():
 # ---- Fashion-MNIST (Debian package) --------------------------------------------------------------
 
 
-def _fashion_root() -> Path | None:
+def _fashion_root() -> Path:
+    """The Debian package's files; `make test` installs the package, so their absence is a broken setup."""
     from vpeft.data.arrays import fashion_files
 
     try:
         return fashion_files(None)["test_images"].parent
-    except DataError:
-        return None
+    except DataError as e:
+        pytest.fail(f"{e} (make test installs it: scripts/sysdeps.sh)")
 
 
 def _read_gz_or_raw(path_stem: Path, offset: int) -> np.ndarray:
@@ -393,7 +452,6 @@ def _read_gz_or_raw(path_stem: Path, offset: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=offset)
 
 
-@pytest.mark.skipif(_fashion_root() is None, reason="dataset-fashion-mnist is not installed")
 def test_fashion_mnist_from_the_debian_files():
     root = _fashion_root()
     final = load_task("fashion_mnist", "final", (28, 28))
@@ -500,6 +558,40 @@ def test_vtab_offline_failure_names_both_ways_out(tmp_path, fake_cifar):
     assert fake_cifar.calls == [(True, False)]  # no download attempted
 
 
+def _raises_at_once(exc_type, *args, **kwargs) -> str:
+    start = time.perf_counter()
+    with pytest.raises(exc_type) as err:
+        load_task(*args, **kwargs)
+    assert time.perf_counter() - start < 2.0
+    return str(err.value)
+
+
+def test_wrong_root_fails_at_once_and_never_downloads(tmp_path, fake_cifar):
+    small_task(tmp_path / "vtab" / "dtd", n={"train800": 2, "val200": 1})
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a_file").write_text("not a folder")
+    # dataset=folder: missing, not a task folder, a VTAB root given as the task folder
+    msg = _raises_at_once(DataError, "folder", "tune", (4, 4), root=tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in msg and "train800.txt" in msg
+    msg = _raises_at_once(DataError, "folder", "tune", (4, 4), root=tmp_path / "empty", cache_dir=tmp_path / "c")
+    assert f"{tmp_path / 'empty'} is not a task folder" in msg and "images/<split>/" in msg
+    msg = _raises_at_once(DataError, "folder", "final", (4, 4), root=tmp_path / "vtab")
+    assert "not a task folder" in msg and f"root={tmp_path / 'vtab' / 'dtd'}" in msg
+    # a torchvision-built task with an explicit root that is wrong: reported, nothing opened or downloaded
+    kw = dict(vtab_root=tmp_path / "vtab", download_root=tmp_path / "dl", download=True)
+    for wrong in (tmp_path / "typo" / "cifar100", tmp_path / "a_file", tmp_path / "empty"):
+        msg = _raises_at_once(DataError, "cifar100", "tune", (4, 4), root=wrong, **kw)
+        assert str(wrong) in msg and "train800.txt" in msg, wrong
+    (tmp_path / "vtab" / "cifar100").mkdir()  # the default place exists but holds no task
+    msg = _raises_at_once(DataError, "cifar100", "tune", (4, 4), root=tmp_path / "vtab" / "cifar100", **kw)
+    assert "not a task folder" in msg
+    assert fake_cifar.calls == []
+    # the default place, absent, still means "build it with torchvision" (how run.py passes it)
+    (tmp_path / "vtab" / "cifar100").rmdir()
+    task = load_task("cifar100", "tune", (2, 2), root=tmp_path / "vtab" / "cifar100", **kw)
+    assert task.source.startswith("torchvision:CIFAR100") and fake_cifar.calls == [(True, False)]
+
+
 class FakeEuroSAT:
     """torchvision's EuroSAT has no split: one ImageFolder over all 27,000 images."""
 
@@ -600,7 +692,8 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path):
     files = sorted(cache.glob("*.safetensors"))
     assert len(files) == 2 and not list(cache.glob("*.tmp"))
     files[0].write_bytes(files[0].read_bytes()[:100])  # truncated
-    rebuilt = load_task("folder", "final", (8, 8), root=root, cache_dir=cache)
+    with pytest.warns(CacheWarning, match=files[0].name):
+        rebuilt = load_task("folder", "final", (8, 8), root=root, cache_dir=cache)
     assert not rebuilt.cache_hit
     assert torch.equal(rebuilt.train.images, first.train.images) and torch.equal(rebuilt.eval.images, first.eval.images)
     assert load_task("folder", "final", (8, 8), root=root, cache_dir=cache).cache_hit
@@ -623,3 +716,129 @@ def test_cache_write_is_atomic_and_named_readably(tmp_path):
     names = sorted(p.name for p in (tmp_path / "c").iterdir())
     assert len(names) == 2 and all(n.startswith("folder-") and "-8x6-bicubic-" in n for n in names)
     assert all(os.path.getsize(tmp_path / "c" / n) > 0 for n in names)
+
+
+def _rewrite_labels(path: Path) -> None:
+    """Rewrite a cache file as a bit flip or a stray edit would leave it: same name, same metadata, other labels."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        images, labels = f.get_tensor("images"), f.get_tensor("labels")
+    save_file({"images": images, "labels": (labels + 1) % 3}, str(path), metadata=meta)
+
+
+def test_cache_checksum_catches_edited_content(tmp_path):
+    root = small_task(tmp_path / "t")
+    cache = tmp_path / "cache"
+    first = load_task("folder", "tune", (8, 8), root=root, cache_dir=cache)
+    truth = list_labels(root / "train800.txt")
+    assert first.train.labels.tolist() == truth
+    (train_file,) = cache.glob("folder-train800-*.safetensors")
+    _rewrite_labels(train_file)
+    with pytest.warns(CacheWarning, match=f"{train_file}.*checksum"):
+        again = load_task("folder", "tune", (8, 8), root=root, cache_dir=cache)
+    assert again.train.labels.tolist() == truth and not again.cache_hit
+    assert torch.equal(again.train.images, first.train.images)
+    rebuilt = load_task("folder", "tune", (8, 8), root=root, cache_dir=cache)  # the rebuilt file is good
+    assert rebuilt.cache_hit and rebuilt.train.labels.tolist() == truth
+
+
+def test_image_replaced_in_place_is_decoded_again(tmp_path, monkeypatch):
+    root = small_task(tmp_path / "t")
+    cache = tmp_path / "cache"
+    first = load_task("folder", "tune", (4, 4), root=root, cache_dir=cache, interpolation="nearest")
+    assert index_of(first.train.images)[3] == 3
+    solid(500, (7, 9)).save(root / "images" / "train800" / "000003.png")  # another size on disk
+    second = load_task("folder", "tune", (4, 4), root=root, cache_dir=cache, interpolation="nearest")
+    assert index_of(second.train.images).tolist() == [0, 1, 2, 500, *range(4, 12)]
+    # the same size on disk, written later: the mtime alone tells
+    image = root / "images" / "train800" / "000004.png"
+    before = image.stat()
+    solid(600).save(image)
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    third = load_task("folder", "tune", (4, 4), root=root, cache_dir=cache, interpolation="nearest")
+    assert index_of(third.train.images).tolist() == [0, 1, 2, 500, 600, *range(5, 12)]
+    monkeypatch.setattr(decode_module, "decode_images", no_decoding)  # unchanged files: served from the cache
+    assert load_task("folder", "tune", (4, 4), root=root, cache_dir=cache, interpolation="nearest").cache_hit
+
+
+def _cache_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, CacheWarning)]
+
+
+def test_unwritable_cache_warns_once_and_loads(tmp_path):
+    root = small_task(tmp_path / "t")
+    truth = load_task("folder", "tune", (4, 4), root=root)
+    (tmp_path / "a_file").write_text("")
+    places = [tmp_path / "a_file" / "cache"]  # mkdir fails with NotADirectoryError, even for root
+    if os.geteuid() != 0:  # permission bits do not stop root
+        (tmp_path / "ro").mkdir(mode=0o555)
+        places.append(tmp_path / "ro")
+    for cache in places:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            task = load_task("folder", "tune", (4, 4), root=root, cache_dir=cache)
+        found = _cache_warnings(caught)
+        assert len(found) == 1 and str(cache) in found[0], found
+        assert not task.cache_hit and torch.equal(task.train.images, truth.train.images)
+        assert torch.equal(task.eval.labels, truth.eval.labels)
+
+
+def test_cache_write_that_fails_midway_leaves_nothing(tmp_path):
+    """A real failing write: the file-size limit makes write() fail with EFBIG, as a full disk does with ENOSPC."""
+    root = small_task(tmp_path / "t")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's signal kills the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16384, hard))  # a split at 32x32 is 12 * 3 KiB
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            task = load_task("folder", "tune", (32, 32), root=root, cache_dir=cache, interpolation="nearest")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    found = _cache_warnings(caught)
+    assert len(found) == 1 and str(cache) in found[0] and "File too large" in found[0], found
+    assert index_of(task.train.images).tolist() == list(range(12)) and not task.cache_hit
+    assert list(cache.iterdir()) == []  # the partial temp file is gone
+
+
+def test_stale_temp_files_of_killed_writers_are_removed(tmp_path):
+    root = small_task(tmp_path / "t")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    target = "folder-x-8x8-bicubic-0123456789abcdef.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    planted = {
+        "old": cache / cache_module.temp_name(target),  # ours, but untouched for two hours
+        "old_mkstemp": cache / f"{target}.k2j4_x9a.tmp",  # the pattern of earlier versions
+        "dead_writer": cache / cache_module.temp_name(target, pid=int(dead.stdout)),
+        "live_writer": cache / cache_module.temp_name(target),  # this process: a write in progress
+        "other_host": cache / cache_module.temp_name(target, pid=int(dead.stdout), host="elsewhere"),
+        "not_ours": cache / "notes.tmp",
+    }
+    for path in planted.values():
+        path.write_bytes(b"\0" * 64)
+    two_hours_ago = time.time() - 7200
+    for key in ("old", "old_mkstemp", "not_ours"):
+        os.utime(planted[key], (two_hours_ago, two_hours_ago))
+    load_task("folder", "tune", (8, 8), root=root, cache_dir=cache)
+    left = {key for key, path in planted.items() if path.exists()}
+    assert left == {"live_writer", "other_host", "not_ours"}
+    assert len(list(cache.glob("*.safetensors"))) == 2
+
+
+def test_cache_files_follow_the_umask(tmp_path):
+    root = small_task(tmp_path / "t", n={"train800": 2, "val200": 1})
+    for umask, mode in ((0o027, 0o640), (0o022, 0o644)):
+        old = os.umask(umask)
+        try:
+            load_task("folder", "tune", (4, 4), root=root, cache_dir=tmp_path / f"c{umask:o}")
+        finally:
+            os.umask(old)
+        modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / f"c{umask:o}").iterdir()}
+        assert modes == {mode}, (oct(umask), modes)

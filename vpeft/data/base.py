@@ -110,6 +110,9 @@ class Resolved:
     identity: str  # what the splits' content depends on (hashed into the cache key)
     prepare: Callable[[tuple[str, ...]], Prepared]  # opens the source for the named splits
     splits: tuple[str, str] | None = None  # (train, eval) split names when not the protocol's own
+    # what one split's pixels depend on beyond ``identity``, e.g. its image files' sizes and mtimes;
+    # asked before every cache lookup, so it must stay cheap (stat calls, no image bytes read)
+    split_identity: Callable[[str], str] | None = None
 
 
 def array_items(name: str, images: np.ndarray, labels: np.ndarray, where: str) -> SplitItems:

@@ -1,28 +1,42 @@
 """Decoded splits on disk: one safetensors file per (source, split, size, interpolation).
 
 Decoding and resizing a test split of 10k-20k images takes minutes; reading the same pixels back
-from a safetensors file takes well under a second. Files are written once, atomically, and a file
-that fails to read back whole is treated as absent and rebuilt.
+from a safetensors file takes about a second. Files are written once, atomically, with a CRC-32 of
+their content; a file that fails to read back whole, or whose content no longer matches its
+checksum, is warned about and rebuilt. The cache only saves time: a folder that cannot be written
+is warned about and loading goes on without it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
-import tempfile
+import secrets
+import socket
+import struct
+import time
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from vpeft.data.base import FORMAT_VERSION
 
 log = logging.getLogger(__name__)
+
+STALE_SECONDS = 3600  # a temp file untouched this long belongs to a writer that died (a write rewrites it)
+_DTYPES = {torch.uint8: "U8", torch.int64: "I64"}
+
+
+class CacheWarning(UserWarning):
+    """The decoded-data cache could not be used as is; loading went on (decoding again, or not caching)."""
 
 
 @dataclass
@@ -34,8 +48,8 @@ class CachedSplit:
     source: str
 
 
-def cache_key(identity: str, split: str, size: tuple[int, int], interpolation: str) -> str:
-    """A digest of everything the decoded pixels depend on."""
+def cache_key(identity: str, split: str, size: tuple[int, int], interpolation: str, files: str = "") -> str:
+    """A digest of everything the decoded pixels depend on; ``files`` covers the split's own source files."""
     parts = {
         "format": FORMAT_VERSION,
         "identity": identity,
@@ -43,6 +57,8 @@ def cache_key(identity: str, split: str, size: tuple[int, int], interpolation: s
         "size": list(size),
         "interpolation": interpolation,
     }
+    if files:
+        parts["files"] = files
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -54,8 +70,21 @@ def cache_path(
     return Path(cache_dir) / f"{stem}-{key[:16]}.safetensors"
 
 
+def checksum(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """CRC-32 of the labels' then the images' bytes: about 0.15 s per GB, so a cache hit stays cheap."""
+    crc = 0
+    for tensor in (labels, images):
+        crc = zlib.crc32(tensor.contiguous().numpy(), crc)
+    return f"crc32:{crc:08x}"
+
+
+def warn(message: str) -> None:
+    """A CacheWarning pointing at the caller of ``load_task``: the cache is skipped, never fatal."""
+    warnings.warn(message, CacheWarning, stacklevel=3)
+
+
 def read(path: Path, key: str, size: tuple[int, int]) -> CachedSplit | None:
-    """The cached split at ``path``, or None when it is absent, stale or unreadable."""
+    """The cached split at ``path``, or None when it is absent, stale, unreadable or fails its checksum."""
     if not path.is_file():
         return None
     try:
@@ -63,6 +92,9 @@ def read(path: Path, key: str, size: tuple[int, int]) -> CachedSplit | None:
             meta = f.metadata() or {}
             if meta.get("key") != key:
                 raise ValueError("its key differs from the requested one")
+            if "checksum" not in meta:  # written before checksums: rebuilt quietly, once
+                log.info("cache file %s has no checksum; decoding again", path)
+                return None
             images, labels = f.get_tensor("images"), f.get_tensor("labels")
         ok = (
             images.dtype == torch.uint8
@@ -73,11 +105,86 @@ def read(path: Path, key: str, size: tuple[int, int]) -> CachedSplit | None:
         )
         if not ok:
             raise ValueError("contents do not match the key")
+        found = checksum(images, labels)
+        if found != meta["checksum"]:
+            raise ValueError(f"checksum mismatch: content {found}, written as {meta['checksum']}")
         classes = json.loads(meta["classes"])
         return CachedSplit(images, labels, int(meta["num_classes"]), classes, meta["source"])
     except Exception as exc:  # any failure to read back whole means: rebuild
-        log.warning("ignoring unreadable cache file %s (%s: %s); decoding again", path, type(exc).__name__, exc)
+        warn(f"ignoring cache file {path} ({type(exc).__name__}: {exc}); decoding again")
         return None
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+_HOST = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname()) or "host"
+# ".<target>.<host>.<pid>.<token>.tmp" (this writer), or "<target>.<random>.tmp" (mkstemp, older versions)
+_TEMP = re.compile(r"^\.?(?P<target>.+\.safetensors)\.(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp$")
+
+
+def temp_name(target: str, pid: int | None = None, host: str | None = None) -> str:
+    """The hidden temp file a writer fills before renaming it to ``target``; host and pid say whose it is."""
+    return f".{target}.{host or _HOST}.{os.getpid() if pid is None else pid}.{secrets.token_hex(4)}.tmp"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: someone else's live process
+        return True
+    return True
+
+
+def sweep(folder: Path, now: float | None = None) -> list[Path]:
+    """Remove temp files that writers killed mid-write left behind (each as big as a split); return them.
+
+    A temp file goes when it is older than ``STALE_SECONDS``, or when its name says it is this
+    host's and its process is gone. Anything else in the folder is left alone.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        if match is None:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not entry.is_file(follow_symlinks=False):
+            continue
+        dead = match["pid"] is not None and match["host"] == _HOST and not _alive(int(match["pid"]))
+        if now - st.st_mtime > STALE_SECONDS or dead:
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                continue
+            log.info("removed %s, left by an interrupted cache write", entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _header(images: torch.Tensor, labels: torch.Tensor, meta: dict[str, str]) -> bytes:
+    """The safetensors header: little-endian u64 length, then JSON padded with spaces to 8 bytes."""
+    fields: dict[str, object] = {"__metadata__": meta}
+    offset = 0
+    for name, tensor in (("images", images), ("labels", labels)):
+        nbytes = tensor.numel() * tensor.element_size()
+        fields[name] = {
+            "dtype": _DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    text = json.dumps(fields, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
 def write(
@@ -89,21 +196,40 @@ def write(
     classes: list[str] | None,
     source: str,
 ) -> None:
-    """Write atomically (temp file in the same folder, then rename): readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write atomically (temp file in the same folder, then rename): readers never see half a file.
+
+    The file is written here in the safetensors format rather than by safetensors itself, whose
+    Rust writer reports a full disk as a SafetensorError: this way every I/O failure is an OSError
+    that the caller can tell from a bug. The file's mode follows the umask, like any file the user
+    creates. Raises OSError when the folder cannot be created or written.
+    """
+    images, labels = images.contiguous(), labels.contiguous()
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep(folder)
     meta = {
         "key": key,
         "format": str(FORMAT_VERSION),
         "num_classes": str(num_classes),
         "classes": json.dumps(classes),
         "source": source,
+        "checksum": checksum(images, labels),
     }
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    for _ in range(100):
+        tmp = folder / temp_name(path.name)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise OSError(errno.EEXIST, "no free temp file name", str(folder))
     try:
-        save_file({"images": images.contiguous(), "labels": labels.contiguous()}, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared cache should be readable by others
+        with open(fd, "wb") as f:
+            f.write(_header(images, labels, meta))
+            f.write(images.numpy())
+            f.write(labels.numpy())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -8,6 +8,7 @@ engine can assume RGB at the backbone's input size.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -78,8 +79,29 @@ def to_array(img: Image.Image, size: tuple[int, int], resample: Image.Resampling
     return arr
 
 
+_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
 def open_image(path: str) -> Image.Image:
-    """Open and fully read one file, so truncated or corrupt data fails here, naming the file."""
+    """Open and fully read one file, so truncated or corrupt data fails here, naming the file.
+
+    Only regular files are opened: reading a FIFO or a device listed by mistake would block the
+    run forever (or read without end) instead of failing.
+    """
+    try:
+        kind = stat.S_IFMT(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise DataError(f"image file missing: {path}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+    if kind != stat.S_IFREG:
+        raise DataError(f"{path} is {_KINDS.get(kind, 'not a regular file')}, not an image file")
     try:
         with Image.open(path) as img:
             img.load()

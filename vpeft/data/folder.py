@@ -7,7 +7,9 @@ reads, paths with spaces), checking is strict (every label in range, every image
 
 from __future__ import annotations
 
+import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +33,15 @@ class Entry:
 
 
 def read_list(list_file: Path) -> list[Entry]:
-    """Parse one list file; the label is the last whitespace-separated field, the path the rest."""
+    """Parse one list file; the label is the last whitespace-separated field, the path the rest.
+
+    Read as ``utf-8-sig``: editors on Windows start files with a byte-order mark, which would
+    otherwise become an invisible first character of the first path.
+    """
     root = list_file.parent
     entries = []
     try:
-        text = list_file.read_text(encoding="utf-8")
+        text = list_file.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"split list {list_file} is missing; a task folder looks like:\n{layout(root)}") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -64,7 +70,7 @@ def read_classes(root: Path) -> list[str] | None:
     path = root / "classes.txt"
     if not path.is_file():
         return None
-    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     if not names:
         raise DataError(f"{path} is empty; remove it or list one class name per line (label i is line i)")
     return names
@@ -78,42 +84,102 @@ def _stat(path: Path) -> str:
     return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def files_digest(entries: list[Entry]) -> str:
+    """What a split's pixels depend on: each listed path, its label, and its file's size and mtime.
+
+    Stat calls only, no image bytes read, so a cache hit on 10k images stays cheap; an image
+    replaced in place changes its size or mtime, hence the digest, hence the cache key.
+    """
+    h = hashlib.sha256()
+    for e in entries:
+        try:
+            st = os.stat(e.path)
+            sig = f"{st.st_size}:{st.st_mtime_ns}:{stat.S_IFMT(st.st_mode):o}"
+        except OSError as exc:
+            sig = f"unreadable:{exc.errno}"
+        h.update(f"{e.path}\0{e.label}\0{sig}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _task_folders_in(root: Path, limit: int = 1000) -> list[str]:
+    """Names of subfolders that look like task folders (a VTAB-1k root given as a task folder)."""
+    found = []
+    try:
+        with os.scandir(root) as it:
+            for k, entry in enumerate(it):
+                if k >= limit:
+                    break
+                if entry.is_dir() and any((Path(entry.path) / f"{s}.txt").is_file() for s in SPLITS):
+                    found.append(entry.name)
+    except OSError:
+        pass
+    return sorted(found)
+
+
+def _check_lists(root: Path, lists: dict[str, Path], splits: tuple[str, ...], union: bool) -> None:
+    """Fail at once, before any cache lookup or decoding, when the folder lacks a list the protocol needs."""
+    missing = [lists[s] for s in splits if not (s == "train800val200" and union) and not lists[s].is_file()]
+    if not missing:
+        return
+    if not any(p.is_file() for p in lists.values()):
+        inside = _task_folders_in(root)
+        hint = ""
+        if inside:
+            shown = ", ".join(inside[:5]) + (", ..." if len(inside) > 5 else "")
+            hint = f" It holds task folders ({shown}): pass one of them, e.g. root={root / inside[0]}."
+        names = ", ".join(p.name for p in lists.values())
+        raise DataError(
+            f"{root} is not a task folder: it has none of {names}.{hint} A task folder looks like:\n{layout(root)}"
+        )
+    raise DataError(f"split list {missing[0]} is missing; a task folder looks like:\n{layout(root)}")
+
+
 def resolve_folder(root: str | os.PathLike, req: Request) -> Resolved:
-    """A task folder: source, cache identity (list files' sizes and mtimes) and a lazy opener."""
+    """A task folder: source, cache identity (list files, and each split's image files) and a lazy opener.
+
+    A missing folder, or one without the lists the protocol needs, fails here, before anything is
+    decoded or downloaded.
+    """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DataError(f"no task folder at {root}; a task folder looks like:\n{layout(root)}")
     lists = {split: root / f"{split}.txt" for split in SPLITS}
     union = "train800val200" in req.splits and not lists["train800val200"].is_file()
     union = union and lists["train800"].is_file() and lists["val200"].is_file()
+    _check_lists(root, lists, req.splits, union)
     identity = "|".join(["folder", str(root)] + [_stat(p) for p in (*lists.values(), root / "classes.txt")])
     source = f"folder:{root}"
     if union:
         source += " (train800val200 = train800 + val200: the folder has no train800val200.txt)"
+    parsed: dict[Path, list[Entry]] = {}  # each list read once per call, so the key and the decode agree
+
+    def listed(list_file: Path) -> list[Entry]:
+        if list_file not in parsed:
+            parsed[list_file] = read_list(list_file)
+        return parsed[list_file]
+
+    def entries(split: str) -> list[Entry]:
+        if split == "train800val200" and union:
+            return listed(lists["train800"]) + listed(lists["val200"])
+        return listed(lists[split])
 
     def prepare(splits: tuple[str, ...]) -> Prepared:
         classes = read_classes(root)
-        needed = {s: _entries(s, lists, union) for s in splits}
+        needed = {s: entries(s) for s in splits}
         if classes is not None:
             num_classes = len(classes)
             why = f"{root / 'classes.txt'} lists {num_classes} classes"
         else:  # max label + 1 over every split list present, so tune and final agree
-            present = [read_list(p) for p in lists.values() if p.is_file()]
-            num_classes = max(e.label for entries in present for e in entries) + 1
+            present = [listed(p) for p in lists.values() if p.is_file()]
+            num_classes = max(e.label for split_list in present for e in split_list) + 1
             why = f"max label + 1 over the folder's split lists is {num_classes} (no classes.txt)"
-        for entries in needed.values():
-            for e in entries:
+        for split_entries in needed.values():
+            for e in split_entries:
                 if not 0 <= e.label < num_classes:
                     raise DataError(f"{e.where()}: label {e.label} outside [0, {num_classes}) ({why})")
-        return Prepared(num_classes, classes, {s: _items(s, entries) for s, entries in needed.items()})
+        return Prepared(num_classes, classes, {s: _items(s, split_entries) for s, split_entries in needed.items()})
 
-    return Resolved(source, identity, prepare)
-
-
-def _entries(split: str, lists: dict[str, Path], union: bool) -> list[Entry]:
-    if split == "train800val200" and union:
-        return read_list(lists["train800"]) + read_list(lists["val200"])
-    return read_list(lists[split])
+    return Resolved(source, identity, prepare, split_identity=lambda split: files_digest(entries(split)))
 
 
 def _items(split: str, entries: list[Entry]) -> SplitItems:

@@ -1,7 +1,8 @@
 """``load_task``: a task's two protocol splits as uint8 tensors at the backbone's input size.
 
 Each split is decoded once and cached; a later call with the same source, split, size and
-interpolation reads the cache and never touches an image file (or the network).
+interpolation reads the cache and never opens an image file (or the network): a task folder's
+images are only stat'ed, so that an edited image leads to a fresh decode.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,6 +49,22 @@ def _decode(name: str, items: SplitItems, size: tuple[int, int], interpolation: 
         items.n, load, size, interpolation, workers, desc=f"{name} {items.name}", describe=items.describe
     )
     return images, torch.from_numpy(labels)
+
+
+def _store(path: Path, key: str, split: cache.CachedSplit) -> bool:
+    """Cache one decoded split; on an OSError (read-only or full disk) warn and return False.
+
+    The cache only saves time, so a folder that cannot take the file must not cost the decoded data.
+    """
+    try:
+        cache.write(path, key, split.images, split.labels, split.num_classes, split.classes, split.source)
+    except OSError as exc:
+        cache.warn(
+            f"cannot write the data cache in {path.parent} ({type(exc).__name__}: {exc}); "
+            "going on without caching (the next load decodes again)"
+        )
+        return False
+    return True
 
 
 def load_task(
@@ -105,7 +123,8 @@ def load_task(
     files = {}
     if cache_dir is not None:
         for split in names:
-            key = cache.cache_key(resolved.identity, split, size, interpolation)
+            content = resolved.split_identity(split) if resolved.split_identity is not None else ""
+            key = cache.cache_key(resolved.identity, split, size, interpolation, content)
             files[split] = (cache.cache_path(cache_dir, name, split, size, interpolation, key), key)
             hit = cache.read(files[split][0], key, size)
             if hit is not None:
@@ -119,13 +138,15 @@ def load_task(
         start = time.perf_counter()
         prepared = resolved.prepare(tuple(missing))
         num_classes, classes = prepared.num_classes, prepared.classes
+        writable = cache_dir is not None
         for split in missing:
             images, labels = _decode(name, prepared.splits[split], size, interpolation, num_workers)
             found[split] = cache.CachedSplit(images, labels, num_classes, classes, resolved.source)
-            if cache_dir is not None:
+            if writable:
                 path, key = files[split]
-                cache.write(path, key, images, labels, num_classes, classes, resolved.source)
-                log.info("%s %s: cached at %s", name, split, path)
+                writable = _store(path, key, found[split])
+                if writable:
+                    log.info("%s %s: cached at %s", name, split, path)
         seconds = time.perf_counter() - start
     else:
         num_classes, classes = found[names[0]].num_classes, found[names[0]].classes
