@@ -531,3 +531,62 @@ def test_html_page_renders_in_chromium(tmp_path):
     assert by_params == ["linear", "bitfit", "lora", "vpt_deep", "full"]
     desc = order(run_chromium("--dump-dom", page.as_uri() + "#sort=table-vtab-summary-vit-test:7:desc").stdout)
     assert desc == by_params[::-1]
+
+
+# -- one dataset name, several task folders --------------------------------------------------------
+
+
+def folder_record(root: str, top1: float, seed: int = 0, name: str = "folder", **kwargs) -> dict:
+    """A run on a task folder: the dataset is named after the folder, the config keeps the root."""
+    r = make_record(dataset=Path(root).name, seed=seed, top1=top1, **kwargs)
+    r["config"]["dataset"] = {"name": name, "root": root, "id": None}
+    r["config_hash"] = config_hash({k: v for k, v in r["config"].items() if k != "paths"})
+    return validate(r)
+
+
+def test_task_folders_with_one_name_stay_apart():
+    records = [
+        folder_record("/a/cifar10", 70.0, seed=0),
+        folder_record("/a/cifar10/", 72.0, seed=1),  # the same folder: merges
+        folder_record("/b/cifar10", 30.0, seed=0),
+        folder_record("/x/data/pets", 50.0, name="imagefolder"),
+        folder_record("/y/data/pets", 60.0, name="imagefolder"),
+        folder_record("/b/cifar10", 0.0, seed=2, status="failed", error="boom"),
+    ]
+    lb = build_leaderboard(records)
+    (row,) = lb.rows
+    assert sorted(row.cells) == ["cifar10 (a)", "cifar10 (b)", "pets (x/data)", "pets (y/data)"]
+    assert (row.cells["cifar10 (a)"].mean, row.cells["cifar10 (a)"].n) == (71.0, 2)
+    assert (row.cells["cifar10 (b)"].mean, row.cells["cifar10 (b)"].n) == (30.0, 1)
+    assert row.cells["pets (x/data)"].mean == 50.0 and row.cells["pets (y/data)"].mean == 60.0
+    assert [f.dataset for f in lb.failures] == ["cifar10 (b)"]
+    assert any("dataset cifar10 stands for 2 different sources (/a/cifar10, /b/cifar10)" in w for w in lb.warnings)
+    md = page_markdown(build_page(lb, [], len(records), None))
+    assert "| method | cifar10 (a) | cifar10 (b) | pets (x/data) | pets (y/data) |" in md
+    assert "cifar10 (a)_mean" in leaderboard_csv(lb)
+
+
+def test_one_folder_or_named_tasks_keep_their_name():
+    records = [
+        folder_record("/a/flowers", 70.0),
+        folder_record("/a/flowers", 74.0, seed=1),
+        make_record(dataset="cifar100", top1=60.0),  # a named task: roots on other machines are the same task
+        make_record(dataset="cifar100", seed=1, top1=62.0),
+    ]
+    records[3]["config"]["dataset"] = {"name": "cifar100", "root": "/elsewhere/vtab/cifar100"}
+    (row,) = build_leaderboard(records).rows
+    assert sorted(row.cells) == ["cifar100", "flowers"]
+    assert row.cells["flowers"].n == 2 and row.cells["cifar100"].n == 2
+    both = build_leaderboard([*records, folder_record("/data/mine/cifar100", 10.0)])
+    (row,) = both.rows
+    assert sorted(row.cells) == ["cifar100", "cifar100 (mine)", "flowers"]  # the named task keeps its name
+
+
+def test_task_folders_with_one_name_in_the_files(tmp_path):
+    runs = tmp_path / "runs"
+    for r in (folder_record("/a/cifar10", 70.0), folder_record("/b/cifar10", 30.0)):
+        write_record(record_path(runs, r), r)
+    written = write_leaderboard(runs, tmp_path / "out")
+    md = written["leaderboard.md"].read_text()
+    assert "70.0 (1)" in md and "30.0 (1)" in md and "cifar10 (a)" in md and "cifar10 (b)" in md
+    assert "vit-test_cifar10-a_params.png" in written and "vit-test_cifar10-b_params.png" in written

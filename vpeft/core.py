@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,12 +14,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from vpeft.errors import VpeftError
+from vpeft.errors import DataError, VpeftError
 from vpeft.layers.delta import Delta
 from vpeft.methods import METHODS, Method
 from vpeft.methods._base import head_parameters
+from vpeft.results.store import atomic_path
 
 DELTA_FORMAT = "vpeft.delta/1"
+WEIGHTS_ATTR = "vpeft_weights"  # where the model's weights came from, set by mark_weights
 
 
 def list_methods() -> list[str]:
@@ -99,14 +100,40 @@ def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def backbone_name(model: nn.Module) -> str | None:
-    """timm's ``architecture[.tag]`` of the model, if timm recorded it."""
+    """timm's ``architecture``, with ``.tag`` only when the model is marked as holding that tag's weights.
+
+    timm fills ``pretrained_cfg`` (tag included) for a randomly initialised model too, and keeps its own tag
+    when a local checkpoint is loaded, so the tag alone would claim weights that were never loaded. It is kept
+    only for models marked (``mark_weights``) as loaded from timm's pretrained weights.
+    """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch, tag = cfg.get("architecture"), cfg.get("tag")
-    return f"{arch}.{tag}" if arch and tag else arch
+    if arch and tag and str(weights_source(model) or "").startswith("timm:"):
+        return f"{arch}.{tag}"
+    return arch
+
+
+def mark_weights(model: nn.Module, weights: str) -> nn.Module:
+    """Record where ``model``'s weights came from (``Backbone.weights``: ``timm:<id>``, ``checkpoint:<path>``,
+    ``offline:<source>`` or ``random``); delta files name it, and ``backbone_name`` keeps the tag only for timm's."""
+    model.__dict__[WEIGHTS_ATTR] = str(weights)
+    return model
+
+
+def weights_source(model: nn.Module) -> str | None:
+    """Where ``model``'s weights came from, as marked by ``mark_weights``; None when nobody said."""
+    return model.__dict__.get(WEIGHTS_ATTR)
+
+
+class MissingDeltaError(DataError, FileNotFoundError):
+    """No delta file at the path: a DataError, and a FileNotFoundError for callers that catch that."""
 
 
 def save_delta(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write the delta and its metadata (method, config, backbone) to a safetensors file, atomically."""
+    """Write the delta and its metadata (method, config, backbone, weights) to a safetensors file, atomically.
+
+    The file appears complete or not at all (temp file, fsync, rename) and with the usual mode (umask).
+    """
     method = _method(model)
     tensors, config = method.export_delta(model, delta_state_dict(model))
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
@@ -115,39 +142,59 @@ def save_delta(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] 
         "method": method.name,
         "config": json.dumps(config),
         "backbone": backbone_name(model) or "",
+        "weights": weights_source(model) or "",
         "extra": json.dumps(extra or {}),
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
 def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the decoded metadata of a delta file."""
+    """The tensors and the decoded metadata of a delta file.
+
+    A missing, empty, truncated or foreign file raises DataError naming the path and the problem.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no delta file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != DELTA_FORMAT:
-            raise VpeftError(
-                f"{path} is not a vpeft delta file (format {meta.get('format')!r}, expected {DELTA_FORMAT})"
-            )
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    info = {
-        "method": meta["method"],
-        "config": json.loads(meta["config"]),
-        "backbone": meta.get("backbone") or None,
-        "extra": json.loads(meta.get("extra", "{}")),
-    }
+        what = "a folder, not a delta file" if path.is_dir() else "no delta file"
+        raise MissingDeltaError(f"{what} at {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise DataError(f"{path} is empty (0 bytes), not a delta file: a write or copy was cut off; save it again")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != DELTA_FORMAT:
+                raise DataError(
+                    f"{path} is not a vpeft delta file (format {meta.get('format')!r}, expected {DELTA_FORMAT})"
+                )
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except VpeftError:
+        raise
+    except Exception as e:  # safetensors' header and size checks, torch's allocation: all mean a broken file
+        raise DataError(
+            f"{path} ({size} bytes) is not a readable safetensors file ({_first_line(e)}): it is truncated "
+            "(a write or copy was cut off) or not a delta file"
+        ) from e
+    try:
+        info = {
+            "method": meta["method"],
+            "config": json.loads(meta["config"]),
+            "backbone": meta.get("backbone") or None,
+            "weights": meta.get("weights") or None,
+            "extra": json.loads(meta.get("extra", "{}")),
+        }
+        if not isinstance(info["config"], dict) or not isinstance(info["extra"], dict):
+            raise ValueError("config and extra must be JSON objects")
+    except (KeyError, ValueError) as e:
+        raise DataError(f"{path}: the delta's metadata is broken ({_first_line(e)})") from e
     return tensors, info
 
 

@@ -1,7 +1,13 @@
 """Run records, their store, and the leaderboard built from them."""
 
 from vpeft.results.record import SCHEMA_VERSION, RecordError, config_hash, record_path, validate
-from vpeft.results.store import iter_records, read_record, write_json_atomic, write_record
+from vpeft.results.store import (
+    iter_records,
+    read_record,
+    write_json_atomic,
+    write_record,
+    write_record_guarded,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -13,4 +19,5 @@ __all__ = [
     "validate",
     "write_json_atomic",
     "write_record",
+    "write_record_guarded",
 ]

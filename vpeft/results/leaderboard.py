@@ -16,6 +16,9 @@ Definitions, as the rendered pages state them:
   ``PPT = acc * exp(-log10(P / C + 1))`` with acc the VTAB-1k mean of 19 tasks (%), P the trainable
   parameters excluding the head and C = 10^7: a method with no parameters keeps its accuracy,
   one with C parameters keeps exp(-log10 2) = 74% of it.
+- A dataset is named by its task, or for a task folder (``dataset=folder``/``imagefolder``) by the folder's
+  own name; when one such name stands for several folders, each is labelled by the end of its parent path
+  (``cifar10 (a)``, ``cifar10 (b)``) and they never share a cell.
 - The Pareto front (maximise accuracy, minimise cost): the points no other point beats on one axis
   without losing on the other; equal points are all on the front.
 """
@@ -27,10 +30,12 @@ import dataclasses
 import io
 import json
 import math
+import os
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from importlib.resources import files
+from pathlib import PurePath
 from typing import Any
 
 from vpeft.vtab import GROUPS, TASKS
@@ -254,11 +259,62 @@ def _bench_latency(
     return None, None, None
 
 
+FOLDER_DATASETS = ("folder", "imagefolder")
+
+
+def _folder_root(record: dict[str, Any]) -> str | None:
+    """The folder a record's dataset name was taken from, when the name is only that folder's own name."""
+    ds = record.get("config", {}).get("dataset")
+    if not isinstance(ds, dict) or ds.get("name") not in FOLDER_DATASETS or ds.get("id") or not ds.get("root"):
+        return None  # a named task (or an explicit id): the name alone identifies the data
+    return os.path.normpath(str(ds["root"]))
+
+
+def _distinguishing_parents(roots: Sequence[str]) -> list[str]:
+    """For distinct folders: the shortest tails of their parent paths that tell them apart."""
+    parents = [PurePath(r).parent.parts for r in roots]
+    for k in range(1, max(len(p) for p in parents) + 1):
+        tails = [p[-k:] for p in parents]
+        if len(set(tails)) == len(tails):
+            return [str(PurePath(*t)) if t else "." for t in tails]
+    return list(roots)  # same parents (names of links, say): the whole path
+
+
+def dataset_labels(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """Each record's dataset label and a warning per name that stands for several folders.
+
+    Two task folders with one name (``/a/cifar10`` and ``/b/cifar10``) hold different data: averaging their
+    runs would mix them, so each gets its name plus the distinguishing end of its parent path.
+    """
+    roots = [_folder_root(r) for r in records]
+    keys: dict[str, set[str | None]] = defaultdict(set)
+    for r, root in zip(records, roots):
+        keys[r["dataset"]].add(root)
+    names: dict[tuple[str, str | None], str] = {}
+    notes = []
+    for name, found in sorted(keys.items()):
+        if len(found) == 1:
+            names[(name, next(iter(found)))] = name
+            continue
+        folders = sorted(k for k in found if k is not None)
+        labels = [f"{name} ({p})" for p in _distinguishing_parents(folders)]
+        names.update({(name, root): label for root, label in zip(folders, labels)})
+        if None in found:
+            names[(name, None)] = name
+            labels.insert(0, name)
+        notes.append(
+            f"dataset {name} stands for {len(found)} different sources ({', '.join(folders)}); "
+            f"shown apart as {', '.join(labels)}"
+        )
+    return [names[(r["dataset"], root)] for r, root in zip(records, roots)], notes
+
+
 def build_leaderboard(records: Iterable[dict[str, Any]], bench_records: Iterable[dict[str, Any]] = ()) -> Leaderboard:
     """Rows, failures and warnings from valid run records; bench records fill missing latency."""
     records = list(records)
     bench = sorted(bench_records, key=lambda b: json.dumps(b, sort_keys=True, default=str))
-    warnings: list[str] = []
+    labels, warnings = dataset_labels(records)
+    records = [r if r["dataset"] == label else {**r, "dataset": label} for r, label in zip(records, labels)]
     failures = sorted(
         (
             Failure(
@@ -285,7 +341,7 @@ def build_leaderboard(records: Iterable[dict[str, Any]], bench_records: Iterable
     for r, v in zip(ranked, variants):
         key = ((r["backbone"], r["method"], v), r["dataset"], r["seed"])
         if key in chosen:
-            keep = max(chosen[key], r, key=lambda x: (x.get("finished_at") or "", json.dumps(x, sort_keys=True)))
+            keep = max(chosen[key], r, key=lambda x: (str(x.get("finished_at") or ""), json.dumps(x, sort_keys=True)))
             warnings.append(
                 f"{r['backbone']} / {r['method']}{' (' + v + ')' if v else ''} / {r['dataset']}: seed {r['seed']} "
                 "has more than one final record; the latest is used"

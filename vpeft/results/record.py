@@ -65,8 +65,15 @@ def _check(obj: dict, spec: dict, where: str) -> None:
             raise RecordError(f"{where}.{key}: {obj[key]!r} is not {kind}")
 
 
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def validate(record: dict[str, Any]) -> dict[str, Any]:
     """Raise RecordError unless ``record`` follows the schema; return it."""
+    if not isinstance(record, dict):  # JSON null, a number, a string or an array: no field to check
+        raise RecordError(f"record: expected a JSON object, got {type(record).__name__} {_short(record)}")
     _check(record, REQUIRED, "record")
     if record["schema_version"] != SCHEMA_VERSION:
         raise RecordError(f"record: schema_version {record['schema_version']} is not {SCHEMA_VERSION}")
