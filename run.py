@@ -1,5 +1,7 @@
 """Train and evaluate one (backbone, method, dataset, protocol, seed): `python run.py method=lora dataset=cifar100`."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -14,4 +16,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except SystemExit as e:
+        from vpeft.run import entered
+
+        # Hydra reports its own errors (an unknown key, an unknown method=) and exits 1 before any run
+        # starts: that is bad input, which exits 2 like every other
+        sys.exit(2 if e.code == 1 and not entered() else e.code)

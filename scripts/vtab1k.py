@@ -4,7 +4,8 @@
 
 1. tune:   `run.py -m` over tasks x the recipe's grid (conf/experiment/vtab1k_<method>.yaml), protocol=tune
            (train800 -> val200, seed 0);
-2. select: per task, the grid point with the best mean val200 top-1 -> results/hparams/<backbone>/<method>.json
+2. select: per task, the grid point with the best mean val200 top-1 -> <paths.results>/../hparams/
+   <backbone>/<method>.json (outputs/hparams by default)
            (rerun the finals from this file without the search: `run.py hparams=<file> ...`);
 3. final:  `run.py -m` over tasks x seeds with hparams=<that file>, protocol=final (train800val200 -> test).
 
@@ -39,8 +40,15 @@ def _value(v) -> str:
     return "null" if v is None else str(v)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A typo gets one line that names it (and exit 2), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("method", help="method name, e.g. lora (uses conf/experiment/vtab1k_<method>.yaml)")
     parser.add_argument("--stage", nargs="+", choices=STAGES, default=list(STAGES), help="stages to run, in order")
     parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated datasets (default: all 19)")
@@ -55,13 +63,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args, overrides = parser.parse_known_args(argv)
+    unknown = [o for o in overrides if o.startswith("-")]
+    if unknown:
+        parser.error(f"unknown option {unknown[0]}; what is not an option is a run.py override (optim.lr=1e-3)")
     experiment = args.experiment or f"vtab1k_{args.method}"
     if not (ROOT / "conf" / "experiment" / f"{experiment}.yaml").is_file():
         known = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("vtab1k_*.yaml"))
         parser.error(f"no recipe conf/experiment/{experiment}.yaml; recipes: {', '.join(known)}")
     run_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={experiment}", f"method={args.method}", *run_overrides])
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=[f"+experiment={experiment}", f"method={args.method}", *run_overrides])
+    except Exception as e:  # Hydra's composition errors: an unknown key, a bad override
+        parser.error("; ".join(line for line in str(e).splitlines() if line and not line[0].isspace()))
     grid = OmegaConf.to_container(cfg.sweep.grid, resolve=True)
     if args.grid:
         try:

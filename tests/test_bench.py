@@ -231,9 +231,10 @@ def test_training_needs_something_to_train():
 
 def test_bench_config():
     cpu = BenchConfig().resolved("cpu")
-    assert (cpu.dtypes, cpu.warmup, cpu.iters, cpu.train_dtype) == (("fp32",), 3, 10, "fp32")
+    assert (cpu.batches, cpu.dtypes, cpu.warmup, cpu.iters, cpu.train_dtype) == ((1, 8), ("fp32",), 2, 5, "fp32")
     gpu = BenchConfig().resolved("cuda")
-    assert (gpu.dtypes, gpu.warmup, gpu.iters, gpu.train_dtype) == (("fp32", "bf16"), 50, 100, "bf16")
+    assert (gpu.batches, gpu.dtypes, gpu.warmup, gpu.iters) == ((1, 64), ("fp32", "bf16"), 50, 100)
+    assert gpu.train_dtype == "bf16"
     assert BenchConfig(iters=7).resolved("cuda").iters == 7
     cfg = BenchConfig.from_dict({"only": False, "latency": False, "batches": [1, 8]})
     assert cfg.batches == (1, 8) and not cfg.latency

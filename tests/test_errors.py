@@ -34,7 +34,7 @@ def test_unknown_config_field_lists_fields():
         ("vpt_deep", {"num_tokens": 0}, "positive integer"),
         ("vpt_shallow", {"dropout": 1.5}, r"\[0, 1\)"),
         ("adapter_houlsby", {"bottleneck": 0}, "positive integer"),
-        ("adapter_pfeiffer", {"bottleneck": 2.5}, "positive integer"),
+        ("adapter_pfeiffer", {"bottleneck": 2.5}, "bottleneck of adapter_pfeiffer must be an integer"),
         ("adapter_houlsby", {"act": "tanh"}, "one of gelu, relu, silu"),
         ("prefix", {"num_tokens": 0}, "num_tokens must be a positive integer"),
         ("prefix", {"reparam": True, "reparam_hidden": -4}, "reparam_hidden must be a positive integer"),

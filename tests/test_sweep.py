@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["backbone=vit_tiny_random", "trainer.epochs=1", "trainer.warmup_epochs=0", "bench.latency=false"]
 
 
-def multirun(tmp: Path, *args: str, script: str = "run.py") -> subprocess.CompletedProcess:
+def multirun(tmp: Path, *args: str, script: str = "run.py", exit_code: int = 0) -> subprocess.CompletedProcess:
     """``run.py -m`` (or a script that launches multiruns) with results, cache and sweep folders under tmp."""
     cmd = [sys.executable, str(ROOT / script), *(["-m"] if script == "run.py" else []), *args]
     cmd += [
@@ -28,7 +28,7 @@ def multirun(tmp: Path, *args: str, script: str = "run.py") -> subprocess.Comple
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.returncode == exit_code, res.stdout[-2000:] + res.stderr[-3000:]
     return res
 
 
@@ -71,14 +71,15 @@ def test_sweep_runs_all_skips_finished_and_reruns_missing(tmp_path):
 
 
 def test_a_failing_job_does_not_take_the_sweep_down(tmp_path):
-    res = multirun(tmp_path, *QUICK, "dataset=digits", "protocol=tune", "optim.lr=1e-3,1e30,2e-3")
+    # the sweep finishes every job, sums up, and exits 1 because one failed
+    res = multirun(tmp_path, *QUICK, "dataset=digits", "protocol=tune", "optim.lr=1e-3,1e30,2e-3", exit_code=1)
     assert summary_line(res.stdout) == "sweep: 3 runs: 2 ok (0 skipped as already finished), 1 failed, 0 interrupted"
     records = [r for _, r in iter_records(tmp_path / "runs")]
     by_lr = {r["config"]["optim"]["lr"]: r for r in records}
     assert by_lr[1e30]["status"] == "failed" and "diverged" in by_lr[1e30]["error"]
     assert by_lr[1e-3]["status"] == by_lr[2e-3]["status"] == "ok"
     # a rerun retries the failed run only (it fails again: the lr is still absurd)
-    again = multirun(tmp_path, *QUICK, "dataset=digits", "protocol=tune", "optim.lr=1e-3,1e30,2e-3")
+    again = multirun(tmp_path, *QUICK, "dataset=digits", "protocol=tune", "optim.lr=1e-3,1e30,2e-3", exit_code=1)
     assert "2 ok (2 skipped" in summary_line(again.stdout) and "1 failed" in summary_line(again.stdout)
 
 

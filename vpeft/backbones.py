@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.core import backbone_name
+from vpeft.core import backbone_name, mark_weights
 from vpeft.errors import ConfigError, DataError, OfflineError, UnknownNameError, VpeftError
 from vpeft.offline import OFFLINE_SOURCES
 
@@ -69,6 +69,7 @@ def create_backbone(
     kwargs = dict(timm_kwargs)
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
+    _check_patch_grid(arch, size, {k: v for k, v in kwargs.items() if k != "pretrained_cfg_overlay"})
 
     if offline:
         source = OFFLINE_SOURCES.get(offline)
@@ -105,18 +106,22 @@ def create_backbone(
                 f"timm has no pretrained weights for {arch}: set backbone.pretrained=false, "
                 "backbone.checkpoint=/path/to/weights.safetensors, or choose a name from timm.list_pretrained()"
             )
+        unreachable = _hub_unreachable()
+        if unreachable:  # no network: a cached copy still loads, and a missing one fails at once, not after retries
+            _hub_offline_mode()
         try:
             model = _load(name, num_classes, size, kwargs, None, f"timm's weights for {name}")
         except OSError as e:  # LocalEntryNotFoundError, OfflineModeIsEnabled, URLError, ConnectionError ...
-            raise OfflineError(_offline_message(name, e)) from e
+            raise OfflineError(_offline_message(name, e, unreachable)) from e
         cfg = model.pretrained_cfg
         weights = f"timm:{cfg.get('hf_hub_id') or cfg.get('url')}"
+        mark_weights(model, weights)
         name = backbone_name(model) or name
     else:
         model = _create(name, num_classes, size, kwargs, pretrained=False)
         weights = "random"
 
-    model = model.float().eval()
+    model = mark_weights(model.float().eval(), weights)
     data = timm.data.resolve_model_data_config(model)
     return Backbone(
         model=model,
@@ -169,12 +174,35 @@ def _split_name(name: str) -> tuple[str, str]:
 def _pair(img_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     if img_size is None:
         return None
-    if isinstance(img_size, int):
-        return img_size, img_size
-    size = tuple(int(v) for v in img_size)
-    if len(size) != 2:
-        raise ConfigError(f"img_size must be an int or (height, width), got {img_size!r}")
+    values = [img_size] if isinstance(img_size, int) else img_size
+    if isinstance(values, (str, bytes)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"backbone.img_size must be a positive integer or [height, width], got {img_size!r}")
+    size = tuple(values) * (2 if len(values) == 1 else 1)
+    if len(size) != 2 or min(size) <= 0:
+        raise ConfigError(f"backbone.img_size must be a positive integer or [height, width], got {img_size!r}")
     return size  # type: ignore[return-value]
+
+
+def _check_patch_grid(arch: str, size: tuple[int, int] | None, kwargs: dict[str, Any]) -> None:
+    """An input size that patches do not tile would silently drop the pixels past the last whole patch."""
+    import timm
+
+    if size is None:
+        return
+    with torch.device("meta"):  # the architecture only: no memory, no weights
+        model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    embed = getattr(model, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if patch is None or getattr(embed, "dynamic_img_pad", False):
+        return
+    for s, p in zip(size, patch):
+        if s % p:
+            lo, hi = (s // p) * p, (s // p + 1) * p
+            nearby = f"{lo} or {hi}" if lo else f"{hi}"
+            raise ConfigError(
+                f"backbone.img_size={s} is not a multiple of {arch}'s patch size {p}: the pixels past "
+                f"the last whole patch would be ignored; use {nearby} (or another multiple of {p})"
+            )
 
 
 def _create(
@@ -298,10 +326,46 @@ def _head(text: str, lines: int = 6) -> str:
     return "\n".join(split[:lines] + ([f"... ({len(split) - lines} more lines)"] if len(split) > lines else []))
 
 
-def _offline_message(name: str, e: BaseException) -> str:
+_PROXIES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached, or None (reachable, offline mode already on, or a proxy).
+
+    One TCP connection with a short timeout: without it, a download retries for most of a minute
+    before it gives up.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE") or any(os.environ.get(k) for k in _PROXIES):
+        return None  # offline mode already decides; through a proxy a direct connection proves nothing
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{host} is not reachable: {e}"
+    return None
+
+
+def _hub_offline_mode() -> None:
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True  # read at call time; the environment variable only at import
+    except ImportError:
+        pass
+
+
+def _offline_message(name: str, e: BaseException, unreachable: str | None = None) -> str:
     first = str(e).splitlines()[0] if str(e) else ""
+    why = f"{unreachable}; " if unreachable else ""
     return (
-        f"could not fetch timm's pretrained weights for {name}: no network, or Hugging Face offline mode "
+        f"could not fetch timm's pretrained weights for {name}: {why}no network, or Hugging Face offline mode "
         f"(HF_HUB_OFFLINE=1) without a cached copy ({type(e).__name__}: {first}). Ways out: "
         "(1) local weights: backbone.checkpoint=/path/to/weights.safetensors (or a warm Hugging Face cache "
         "with HF_HUB_OFFLINE=1); (2) the built-in offline backbone: backbone=dinov2_s14_offline"

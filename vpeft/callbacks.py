@@ -30,6 +30,13 @@ def summarize(sweep_dir: str | Path) -> dict[str, Any]:
 
 
 class SweepSummary(Callback):
+    """Sums the sweep up at its end; the sweep exits 1 when any job failed or was interrupted."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from vpeft.run import mark_entered
+
+        mark_entered()  # from here on an exit 1 is the sweep's verdict, not a config error
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         s = summarize(config.hydra.sweep.dir)
         print(
@@ -38,3 +45,5 @@ class SweepSummary(Callback):
         )
         for job in s["failures"]:
             print(f"  {job['status']}: {job.get('record') or job.get('overrides')}: {(job.get('error') or '')[:200]}")
+        if s["failures"]:
+            raise SystemExit(1)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import random
+import signal
 import sys
 import traceback
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from vpeft.engine import DivergedError, TrainConfig, train
 from vpeft.env import environment, resolve_device
 from vpeft.errors import ConfigError, VpeftError
 from vpeft.methods import METHODS
-from vpeft.results import SCHEMA_VERSION, config_hash, read_record, record_path, write_record
+from vpeft.results import SCHEMA_VERSION, config_hash, read_record, record_path, write_record_guarded
 from vpeft.vtab import PROTOCOL_SPLITS
 
 log = logging.getLogger("vpeft")
@@ -125,7 +127,10 @@ def plan_run(cfg: DictConfig) -> Plan:
     overrides, _ = _hydra_overrides()
     method_cfg = {k: v for k, v in resolved["method"].items() if k != "name"}
     method = METHODS.get(resolved["method"]["name"]).from_kwargs(**method_cfg)  # validates the fields
-    TrainConfig(**resolved["trainer"])  # validates the trainer
+    trainer = _trainer_config(resolved["trainer"])
+    resolved["trainer"]["warmup_epochs"] = trainer.warmup_epochs  # what runs is what the record says
+    OmegaConf.update(cfg, "trainer.warmup_epochs", trainer.warmup_epochs, merge=False)
+    _check_values(resolved)
     protocol = resolved["protocol"]
     if protocol not in PROTOCOL_SPLITS:
         raise ConfigError(f"protocol must be one of {', '.join(PROTOCOL_SPLITS)}, got {protocol!r}")
@@ -147,6 +152,28 @@ def plan_run(cfg: DictConfig) -> Plan:
         record_path=record_path(resolved["paths"]["results"], ident),
         **ident,
     )
+
+
+def _trainer_config(trainer: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig(**trainer)
+    except TypeError as e:  # a value of the wrong kind reaching the dataclass's own checks
+        raise ConfigError(f"trainer: {e}") from None
+
+
+def _check_values(resolved: dict[str, Any]) -> None:
+    """Values of the wrong kind fail here, named, before anything heavy starts."""
+    seed = resolved.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    for key in ("lr", "weight_decay"):
+        value = resolved["optim"].get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"optim.{key} must be a finite number >= 0, got {value!r}")
+    if not resolved["optim"].get("lr", 1):
+        raise ConfigError("optim.lr must be positive, got 0")
 
 
 def seed_everything(seed: int) -> None:
@@ -180,23 +207,33 @@ def _base_record(plan: Plan, env: dict[str, Any], started: str) -> dict[str, Any
 
 
 def _finish(record: dict[str, Any], plan: Plan, status: str, error: str | None) -> dict[str, Any]:
+    """Write the record, unless it would replace a finished (ok) run of this configuration with a worse one."""
     record.update(status=status, error=error, finished_at=_now())
-    write_record(plan.record_path, record)
-    log.info("record: %s (%s)", plan.record_path, status)
+    try:
+        _, written = write_record_guarded(plan.record_path, record)
+    except OSError as e:
+        raise OSError(f"could not write the record {plan.record_path}: {e.strerror or e}") from e
+    if written:
+        log.info("record: %s (%s)", plan.record_path, status)
+    else:
+        log.warning("record: %s holds a finished (ok) run of this configuration; this %s run left it as it is",
+                    plan.record_path, status)  # fmt: skip
     return record
 
 
 def _input_failure(e: Exception, multirun: bool, plan: Plan | None, env: dict | None, started: str):
     """Bad input: a single run exits 2 with no record; in a sweep it is recorded and the sweep goes on."""
     message = str(e)
-    if multirun and plan is not None:
+    if multirun:
         log.error("%s", message)
+        if plan is None:  # no identity to record under: the job's status file carries the error
+            return None
         return _finish(_base_record(plan, env or environment(), started), plan, "failed", message)
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
-def _write_status(record: dict[str, Any] | None, skipped: bool, plan: Plan | None) -> None:
+def _write_status(record: dict[str, Any] | None, skipped: bool, plan: Plan | None, error: str | None = None) -> None:
     """A small status file in the Hydra job folder, read by the sweep summary callback."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -208,8 +245,8 @@ def _write_status(record: dict[str, Any] | None, skipped: bool, plan: Plan | Non
         "status": record["status"] if record else "failed",
         "skipped": skipped,
         "record": str(plan.record_path) if plan else None,
-        "error": record.get("error") if record else None,
-        "overrides": plan.overrides if plan else None,
+        "error": record.get("error") if record else error,
+        "overrides": plan.overrides if plan else _hydra_overrides()[0],
     }
     from vpeft.callbacks import STATUS_FILE
     from vpeft.results import write_json_atomic
@@ -225,17 +262,60 @@ def _device(cfg: DictConfig, multirun: bool) -> torch.device:
     return resolve_device(str(cfg.device))
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what schedulers (SLURM, Kubernetes) send before they kill a job: handled like Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
+
+
+_entered = False
+
+
+def entered() -> bool:
+    """Whether a run (or a sweep's first callback) started: Hydra's exit 1 before that is a config error."""
+    return _entered
+
+
+def mark_entered() -> None:
+    global _entered
+    _entered = True
+
+
 def main(cfg: DictConfig) -> dict[str, Any] | None:
     """Run one (backbone, method, dataset, protocol, seed) and write its record; return the record."""
+    mark_entered()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    try:
+        return _main(cfg)
+    except Terminated:
+        if _hydra_overrides()[1]:
+            raise  # in a sweep the launcher decides; the record says interrupted
+        sys.exit(128 + signal.SIGTERM)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _main(cfg: DictConfig) -> dict[str, Any] | None:
     started = _now()
     _, multirun = _hydra_overrides()
     plan: Plan | None = None
     try:
         plan = plan_run(cfg)
         device = _device(cfg, multirun)
-    except VpeftError as e:
+    except Exception as e:  # any error before the run starts is bad input: exit 2 (or, in a sweep, recorded)
+        if not isinstance(e, VpeftError):
+            e = InputError(f"configuration error: {type(e).__name__}: {e}")
         record = _input_failure(e, multirun, plan, None, started)
-        _write_status(record, False, plan)
+        _write_status(record, False, plan, error=str(e))
         return record
     if cfg.bench.get("only", False):
         from vpeft.bench_run import run_bench
@@ -260,6 +340,12 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def execute(plan: Plan, device: torch.device, multirun: bool, started: str) -> dict[str, Any]:
+    """Set-up, training, then costs and the delta: one record whatever happens in any phase.
+
+    Bad input found while setting up exits 2 with no record (a single run) or a failed record (a
+    sweep). Once training has started, an interrupt (Ctrl-C, SIGTERM) or an error in any later
+    phase leaves an ``interrupted`` or ``failed`` record that keeps what was measured.
+    """
     from hydra.utils import instantiate
 
     from vpeft.backbones import backbone_from_config, create_backbone
@@ -270,7 +356,7 @@ def execute(plan: Plan, device: torch.device, multirun: bool, started: str) -> d
     env = environment(device)
     record = _base_record(plan, env, started)
     logger = NullLogger()
-    training = False
+    phase = "setup"
     try:
         seed_everything(plan.seed)
         bb_cfg = r["backbone"]
@@ -314,9 +400,12 @@ def execute(plan: Plan, device: torch.device, multirun: bool, started: str) -> d
             "total": count.total,
         }
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = instantiate(r["optim"])(params)
+        try:
+            optimizer = instantiate(r["optim"])(params)
+        except ValueError as e:  # torch's own checks: "Invalid learning rate: nan" ...
+            raise ConfigError(f"optim: {e}; check optim.lr and optim.weight_decay") from None
         logger = make_logger(r["logger"], plan.resolved, _run_name(plan))
-        training = True
+        phase = "training"
         result = train(
             model,
             task.train.images,
@@ -331,8 +420,46 @@ def execute(plan: Plan, device: torch.device, multirun: bool, started: str) -> d
             seed=plan.seed,
             on_epoch_end=logger.log_epoch,
         )
-    except KeyboardInterrupt:
-        _finish(record, plan, "interrupted", "interrupted by the user (Ctrl-C)")
+        phase = "costs and delta"  # the metrics go into the record before anything else can fail
+        record["metrics"] = {
+            "top1": result.top1,
+            "train_loss": result.train_loss,
+            "eval_loss": result.eval_loss,
+            "eval_split": task.eval.name,
+            "train_split": task.train.name,
+            "epochs": len(result.epochs),
+            "best_epoch_top1": result.best_epoch_top1,  # selection on the evaluated split: never ranks
+            "best_epoch": result.best_epoch,
+            "history": [
+                {"epoch": e.epoch, "train_loss": e.train_loss, "lr": e.lr, "eval_top1": e.eval_top1}
+                for e in result.epochs
+            ],
+        }
+        record["cost"] = {
+            "train_seconds": result.train_seconds,
+            "train_images_per_s": result.train_images_per_s,
+            "peak_mem_mb": result.peak_mem_mb,
+            "peak_mem_kind": result.peak_mem_kind,
+            "eval_seconds": result.eval_seconds,
+            "data_seconds": task.decode_seconds,
+            "data_cache_hit": task.cache_hit,
+            "amp": result.amp,
+        }
+        bench_cfg = {k: v for k, v in r["bench"].items() if k not in ("only", "num_classes")}
+        if bench_cfg.get("latency", True) or bench_cfg.get("flops", True):
+            from vpeft.bench import BenchConfig, cost_summary
+
+            bare = create_backbone(
+                bb_cfg["name"], task.num_classes, pretrained=False, img_size=bb_cfg.get("img_size")
+            ).model  # the same architecture and head without any method: the reference of every ratio
+            record["cost"].update(cost_summary(model, bare, bb.input_size, device, BenchConfig.from_dict(bench_cfg)))
+        if plan.cfg.save_delta:
+            delta = vpeft.save_delta(model, plan.record_path.with_suffix(".safetensors"), extra=plan.identity())
+            record["delta_file"] = delta.name
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through _on_sigterm
+        why = str(e) or "interrupted by the user (Ctrl-C)"
+        log.error("%s during %s: recording the run as interrupted", why, phase)
+        _finish(record, plan, "interrupted", f"{why} during {phase}")
         logger.finish(ok=False)
         raise
     except DivergedError as e:
@@ -343,54 +470,20 @@ def execute(plan: Plan, device: torch.device, multirun: bool, started: str) -> d
             return record
         sys.exit(1)
     except VpeftError as e:
-        if training:
-            _finish(record, plan, "failed", str(e))
-            logger.finish(ok=False)
-            if multirun:
-                return record
-            raise
-        return _input_failure(e, multirun, plan, env, started)
+        if phase == "setup":
+            return _input_failure(e, multirun, plan, env, started)
+        _finish(record, plan, "failed", f"{e} (during {phase})")
+        logger.finish(ok=False)
+        if multirun:
+            return record
+        raise
     except Exception as e:
-        _finish(record, plan, "failed", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=-3)}")
+        _finish(record, plan, "failed", f"{type(e).__name__}: {e} (during {phase})\n{traceback.format_exc(limit=-3)}")
         logger.finish(ok=False)
         if multirun:
             log.exception("run failed; the sweep goes on")
             return record
         raise
-    record["metrics"] = {
-        "top1": result.top1,
-        "train_loss": result.train_loss,
-        "eval_loss": result.eval_loss,
-        "eval_split": task.eval.name,
-        "train_split": task.train.name,
-        "epochs": len(result.epochs),
-        "best_epoch_top1": result.best_epoch_top1,  # selection on the evaluated split: never ranks
-        "best_epoch": result.best_epoch,
-        "history": [
-            {"epoch": e.epoch, "train_loss": e.train_loss, "lr": e.lr, "eval_top1": e.eval_top1} for e in result.epochs
-        ],
-    }
-    record["cost"] = {
-        "train_seconds": result.train_seconds,
-        "train_images_per_s": result.train_images_per_s,
-        "peak_mem_mb": result.peak_mem_mb,
-        "peak_mem_kind": result.peak_mem_kind,
-        "eval_seconds": result.eval_seconds,
-        "data_seconds": task.decode_seconds,
-        "data_cache_hit": task.cache_hit,
-        "amp": result.amp,
-    }
-    bench_cfg = {k: v for k, v in r["bench"].items() if k not in ("only", "num_classes")}
-    if bench_cfg.get("latency", True) or bench_cfg.get("flops", True):
-        from vpeft.bench import BenchConfig, cost_summary
-
-        bare = create_backbone(
-            bb_cfg["name"], task.num_classes, pretrained=False, img_size=bb_cfg.get("img_size")
-        ).model  # the same architecture and head without any method: the reference of every ratio
-        record["cost"].update(cost_summary(model, bare, bb.input_size, device, BenchConfig.from_dict(bench_cfg)))
-    if plan.cfg.save_delta:
-        delta = vpeft.save_delta(model, plan.record_path.with_suffix(".safetensors"), extra=plan.identity())
-        record["delta_file"] = delta.name
     _finish(record, plan, "ok", None)
     logger.log_record(record)
     logger.finish(ok=True)

@@ -88,9 +88,17 @@ def read_hparams(path: str | Path) -> dict[str, Any]:
             f"no hyperparameter file at {path}: run the tune stage and the selection first "
             f"(python scripts/vtab1k.py <method> --stage tune select), or drop hparams="
         )
-    data = json.loads(path.read_text())
-    if data.get("kind") != HPARAMS_KIND:
-        raise ConfigError(f"{path} is not a vpeft hyperparameter file (kind {data.get('kind')!r})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"hyperparameter file {path} is unreadable ({e}); run the select stage again") from None
+    if not isinstance(data, dict) or data.get("kind") != HPARAMS_KIND:
+        kind = data.get("kind") if isinstance(data, dict) else type(data).__name__
+        raise ConfigError(f"{path} is not a vpeft hyperparameter file (kind {kind!r})")
+    if not isinstance(data.get("tasks"), dict) or not all(
+        isinstance(t, dict) and isinstance(t.get("values"), dict) for t in data["tasks"].values()
+    ):
+        raise ConfigError(f"hyperparameter file {path} is malformed (tasks.<task>.values missing); run select again")
     return data
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -37,9 +38,11 @@ from vpeft.bench._common import (
 from vpeft.core import merge
 from vpeft.errors import ConfigError
 
+log = logging.getLogger("vpeft")
+
 VARIANTS = ("bare", "unmerged", "merged")
 GPU_WARMUP, GPU_ITERS = 50, 100
-CPU_WARMUP, CPU_ITERS = 3, 10
+CPU_WARMUP, CPU_ITERS = 2, 5  # a CPU call takes far longer; bench.warmup / bench.iters give the full protocol
 
 
 def default_dtypes(device: torch.device) -> tuple[str, ...]:
@@ -48,7 +51,7 @@ def default_dtypes(device: torch.device) -> tuple[str, ...]:
 
 
 def default_iterations(device: torch.device) -> tuple[int, int]:
-    """(warm-up, timed) calls: 50/100 on a GPU, 3/10 on a CPU where one call takes far longer."""
+    """(warm-up, timed) calls: 50/100 on a GPU, 2/5 on a CPU where one call takes far longer."""
     return (GPU_WARMUP, GPU_ITERS) if device.type == "cuda" else (CPU_WARMUP, CPU_ITERS)
 
 
@@ -218,10 +221,15 @@ def measure_latency(
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     results: list[LatencyStat] = []
+    n_cases = len(dtypes) * len(batches)
     try:
         with torch.inference_mode():
             for dtype in dtypes:
                 for batch in batches:
+                    log.info(
+                        "latency %d/%d: %s, batch %d, %s: %d warm-up + %d timed calls each",
+                        len(results) // len(variants) + 1, n_cases, dtype, batch, "/".join(variants), warmup, iters,
+                    )  # fmt: skip
                     x = torch.randn(batch, *size, generator=g).to(device)
 
                     def call(m: nn.Module, x: torch.Tensor = x, dtype: str = dtype) -> Any:

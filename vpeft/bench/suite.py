@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,6 +18,8 @@ from vpeft.bench.training import TrainReport, measure_training
 from vpeft.core import count_parameters
 from vpeft.errors import ConfigError, UnknownNameError
 
+log = logging.getLogger("vpeft")
+
 
 @dataclasses.dataclass(frozen=True)
 class BenchConfig:
@@ -27,7 +30,7 @@ class BenchConfig:
     """
 
     latency: bool = True
-    batches: tuple[int, ...] = (1, 64)
+    batches: tuple[int, ...] | None = None  # (1, 64) on CUDA, (1, 8) on CPU
     dtypes: tuple[str, ...] | None = None  # fp32 + bf16 on CUDA, fp32 on CPU
     warmup: int | None = None  # 50 on CUDA, 3 on CPU
     iters: int | None = None  # 100 on CUDA, 10 on CPU
@@ -40,7 +43,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.latency, bool) or not isinstance(self.flops, bool):
             raise ConfigError("bench.latency and bench.flops must be true or false")
-        object.__setattr__(self, "batches", tuple(positive_int(b, "bench.batches[]") for b in self.batches))
+        if self.batches is not None:
+            object.__setattr__(self, "batches", tuple(positive_int(b, "bench.batches[]") for b in self.batches))
         if self.dtypes is not None:
             object.__setattr__(self, "dtypes", tuple(check_dtype(d) for d in self.dtypes))
         for name in ("warmup", "train_steps", "train_warmup"):
@@ -71,6 +75,7 @@ class BenchConfig:
         cuda = device.type == "cuda"
         warmup, iters = default_iterations(device)
         pick = {
+            "batches": (1, 64) if cuda else (1, 8),
             "dtypes": default_dtypes(device),
             "warmup": warmup,
             "iters": iters,
@@ -83,7 +88,7 @@ class BenchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["batches"] = list(self.batches)
+        d["batches"] = list(self.batches) if self.batches is not None else None
         d["dtypes"] = list(self.dtypes) if self.dtypes is not None else None
         return d
 
@@ -143,12 +148,15 @@ def benchmark(
         bare.to(device)
     model.to(device)
     params = measure_params(model)
+    if cfg.flops:
+        log.info("bench: counting FLOPs")
     flops = measure_flops(model, size, baseline=bare) if cfg.flops else None
     latency = None
     if cfg.latency:
         latency = measure_latency(model, size, cfg.batches, cfg.dtypes, cfg.warmup, cfg.iters, device, baseline=bare)
     training = None
     if cfg.train_steps:
+        log.info("bench: %d training steps at batch %d (%s)", cfg.train_steps, cfg.train_batch, cfg.train_dtype)
         training = measure_training(
             model, size, cfg.train_batch, cfg.train_steps, cfg.train_warmup, device, cfg.train_dtype
         )

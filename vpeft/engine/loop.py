@@ -33,7 +33,7 @@ class DivergedError(VpeftError, FloatingPointError):
 class TrainConfig:
     epochs: int = 100
     batch_size: int = 64
-    warmup_epochs: int = 10
+    warmup_epochs: int | None = None  # None: a tenth of the epochs (the VTAB-1k recipe's 10 of 100), rounded
     warmup_lr: float = 1e-7  # learning rate at the start of warm-up
     min_lr: float = 1e-5  # end of the cosine schedule
     label_smoothing: float = 0.0
@@ -53,8 +53,13 @@ class TrainConfig:
             raise ConfigError(f"trainer.amp must be auto, bf16 or none, got {self.amp!r}")
         if self.data_on_device not in ("auto", "yes", "no"):
             raise ConfigError(f"trainer.data_on_device must be auto, yes or no, got {self.data_on_device!r}")
-        if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise ConfigError(f"trainer.warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        if self.warmup_epochs is None:
+            self.warmup_epochs = int(self.epochs / 10 + 0.5)
+        if not isinstance(self.warmup_epochs, int) or not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(
+                f"trainer.warmup_epochs must be an integer in [0, epochs={self.epochs}], got {self.warmup_epochs!r}; "
+                "leave it unset (null) for a tenth of the epochs"
+            )
 
 
 @dataclasses.dataclass
@@ -146,6 +151,7 @@ def evaluate(
     device: torch.device,
     batch_size: int = 256,
     amp: str = "auto",
+    progress: bool = False,
 ) -> tuple[float, float]:
     """Top-1 accuracy (%) and mean cross-entropy of ``model`` on a uint8 split."""
     amp = resolve_amp(amp, device)
@@ -155,7 +161,9 @@ def evaluate(
     correct = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     labels = labels.to(images.device)
-    for idx in _batches(len(labels), batch_size, None, images.device):
+    batches = _batches(len(labels), batch_size, None, images.device)
+    total = math.ceil(len(labels) / batch_size)
+    for idx in tqdm(batches, desc="evaluate", unit="batch", total=total, disable=not progress, dynamic_ncols=True):
         x = normalize(images[idx].to(device, non_blocking=True))
         y = labels[idx].to(device, non_blocking=True)
         with autocast(amp, device):
@@ -259,7 +267,9 @@ def train(
     _sync(device)
     train_seconds = time.perf_counter() - start
     eval_start = time.perf_counter()
-    top1, eval_loss = evaluate(model, eval_images, eval_labels, mean, std, device, cfg.eval_batch_size, amp)
+    top1, eval_loss = evaluate(
+        model, eval_images, eval_labels, mean, std, device, cfg.eval_batch_size, amp, progress=cfg.progress
+    )
     _sync(device)
     eval_seconds = time.perf_counter() - eval_start
     history[-1].eval_top1 = top1

@@ -41,11 +41,17 @@ class Method:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> Method:
-        valid = [f.name for f in dataclasses.fields(cls.Config)]
-        for key in kwargs:
-            if key not in valid:
-                raise UnknownNameError(f"{cls.name} config field", key, valid)
-        return cls(cls.Config(**kwargs))
+        fields = {f.name: f for f in dataclasses.fields(cls.Config)}
+        for key, value in kwargs.items():
+            if key not in fields:
+                raise UnknownNameError(f"{cls.name} config field", key, list(fields))
+            _check_scalar(cls.name, key, str(fields[key].type), value)
+        try:
+            return cls(cls.Config(**kwargs))
+        except (TypeError, ValueError) as e:  # a value of the wrong kind that the checks above let through
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{cls.name}: invalid config {kwargs}: {e}") from None
 
     def config_dict(self) -> dict[str, Any]:
         """The config as plain JSON values (tuples become lists), as records and delta files hold it."""
@@ -77,6 +83,23 @@ class Method:
             f"{self.name} cannot be merged into the backbone's weights (its delta changes the "
             f"computation, not just the weights); mergeable methods: {', '.join(mergeable_methods())}"
         )
+
+
+_SCALARS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _check_scalar(method: str, key: str, annotation: str, value: Any) -> None:
+    """A field annotated int / float / bool / str (optionally ``| None``) gets a value of that kind."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return
+    allowed = tuple(t for k in kinds for t in _SCALARS.get(k, ()))
+    if not allowed or len(allowed) != sum(len(_SCALARS.get(k, ())) for k in kinds if k != "None"):
+        return  # a container or another type: the config's own checks apply
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        names = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+        wanted = " or ".join(names[k] for k in kinds if k != "None") + (" or null" if "None" in kinds else "")
+        raise ConfigError(f"method.{key} of {method} must be {wanted}, got {value!r}")
 
 
 def register(name: str):
