@@ -193,3 +193,30 @@ def test_a_clean_sweep_exits_0(tmp_path):
     res = run_sweep(tmp_path, *TINY, "trainer.epochs=1", "bench.latency=false", "save_delta=false", "seed=0",
                     f"hydra.sweep.dir={tmp_path / 'multirun'}")  # fmt: skip
     assert res.returncode == 0 and "1 ok" in res.stdout
+
+
+def test_a_wrong_task_folder_fails_before_the_backbone_is_fetched(tmp_path):
+    start = time.monotonic()
+    res = run_cli(tmp_path, "backbone=vit_b16_in21k", "dataset=folder", f"dataset.root={tmp_path / 'nowhere'}",
+                  env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "https://hub.invalid"})  # fmt: skip
+    assert res.returncode == 2 and str(tmp_path / "nowhere") in res.stderr
+    assert "Loading pretrained weights" not in res.stdout + res.stderr and "hub.invalid" not in res.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_a_full_results_disk_names_the_record(tmp_path):
+    """Files past a size limit fail as on a full disk (EFBIG): the cache is skipped, the record's path named."""
+    import resource
+
+    def limit():  # Python ignores SIGXFSZ, so an oversized write raises OSError instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    args = [sys.executable, str(ROOT / "run.py"), f"paths.results={tmp_path / 'runs'}", f"paths.cache={tmp_path / 'c'}",
+            f"hydra.run.dir={tmp_path / 'hydra'}", "hydra/job_logging=disabled", "hydra.output_subdir=null", *QUICK,
+            "dataset=digits",
+            "save_delta=false"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert res.returncode != 0
+    assert "could not write the record" in res.stderr and str(tmp_path / "runs") in res.stderr
+    assert "cannot write the data cache" in res.stderr + res.stdout

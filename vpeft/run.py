@@ -349,7 +349,7 @@ def execute(plan: Plan, device: torch.device, multirun: bool, started: str) -> d
     from hydra.utils import instantiate
 
     from vpeft.backbones import backbone_from_config, create_backbone
-    from vpeft.data import load_task
+    from vpeft.data import check_task, load_task
     from vpeft.loggers import NullLogger, make_logger
 
     r = plan.resolved
@@ -359,23 +359,21 @@ def execute(plan: Plan, device: torch.device, multirun: bool, started: str) -> d
     phase = "setup"
     try:
         seed_everything(plan.seed)
-        bb_cfg = r["backbone"]
-        bb = backbone_from_config(bb_cfg, num_classes=0)
-        record["backbone_weights"] = bb.weights
         ds = dict(r["dataset"])
         name = ds.pop("name")
         ds.pop("id", None)
-        task = load_task(
-            name,
-            plan.protocol,
-            image_size=tuple(bb.input_size[1:]),
-            interpolation=bb.interpolation,
-            root=ds.pop("root", None),
-            vtab_root=r["paths"]["vtab_root"],
-            download_root=r["paths"]["data_root"],
-            cache_dir=os.path.join(r["paths"]["cache"], "data"),
+        where = {
+            "root": ds.pop("root", None),
+            "vtab_root": r["paths"]["vtab_root"],
+            "download_root": r["paths"]["data_root"],
+            "cache_dir": os.path.join(r["paths"]["cache"], "data"),
             **ds,
-        )
+        }
+        check_task(name, plan.protocol, **where)  # a wrong folder fails now, not after the backbone's download
+        bb_cfg = r["backbone"]
+        bb = backbone_from_config(bb_cfg, num_classes=0)
+        record["backbone_weights"] = bb.weights
+        task = load_task(name, plan.protocol, tuple(bb.input_size[1:]), bb.interpolation, **where)
         record["data_source"] = task.source
         record["data"] = {
             "train_split": task.train.name,

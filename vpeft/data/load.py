@@ -67,6 +67,42 @@ def _store(path: Path, key: str, split: cache.CachedSplit) -> bool:
     return True
 
 
+def _resolve(name, protocol, root, vtab_root, download_root, download, split_seed, options):
+    if protocol not in PROTOCOL_SPLITS:
+        raise ConfigError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOL_SPLITS)}")
+    if not isinstance(split_seed, (int, np.integer)):
+        raise ConfigError(f"split_seed must be an integer, got {split_seed!r}")
+    request = Request(
+        name=name,
+        protocol=protocol,
+        splits=PROTOCOL_SPLITS[protocol],
+        root=None if root is None else os.fspath(root),
+        vtab_root=None if vtab_root is None else os.fspath(vtab_root),
+        download_root=None if download_root is None else os.fspath(download_root),
+        download=bool(download),
+        split_seed=int(split_seed),
+        options=dict(options),
+    )
+    return request, DATASETS.get(name)(request)
+
+
+def check_task(
+    name: str,
+    protocol: str,
+    root: str | os.PathLike | None = None,
+    vtab_root: str | os.PathLike | None = None,
+    download_root: str | os.PathLike | None = None,
+    download: bool = True,
+    split_seed: int = 0,
+    num_workers: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **options,
+) -> None:
+    """Find the task's source as ``load_task`` would, reading and downloading nothing: a wrong root,
+    a missing list or an unknown option fails in a moment, before a run spends time on its backbone."""
+    _resolve(name, protocol, root, vtab_root, download_root, download, split_seed, options)
+
+
 def load_task(
     name: str,
     protocol: str,
@@ -96,27 +132,12 @@ def load_task(
         num_workers: decoding threads (default: all cores).
         **options: source options, e.g. imagefolder's ``n_train``, ``n_val``, ``subsample``.
     """
-    if protocol not in PROTOCOL_SPLITS:
-        raise ConfigError(f"unknown protocol {protocol!r}; valid protocols: {', '.join(PROTOCOL_SPLITS)}")
     size = _size(image_size)
     interpolation = str(interpolation).lower()
     decode.resampling(interpolation)  # a bad name fails before any work
-    if not isinstance(split_seed, (int, np.integer)):
-        raise ConfigError(f"split_seed must be an integer, got {split_seed!r}")
     if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 1):
         raise ConfigError(f"num_workers must be a positive integer or None, got {num_workers!r}")
-    request = Request(
-        name=name,
-        protocol=protocol,
-        splits=PROTOCOL_SPLITS[protocol],
-        root=None if root is None else os.fspath(root),
-        vtab_root=None if vtab_root is None else os.fspath(vtab_root),
-        download_root=None if download_root is None else os.fspath(download_root),
-        download=bool(download),
-        split_seed=int(split_seed),
-        options=dict(options),
-    )
-    resolved = DATASETS.get(name)(request)
+    request, resolved = _resolve(name, protocol, root, vtab_root, download_root, download, split_seed, options)
     names = resolved.splits or request.splits
 
     found: dict[str, cache.CachedSplit] = {}
