@@ -61,12 +61,13 @@ def test_a_signal_during_training_records_interrupted(sig, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_signal_after_training_keeps_the_metrics(tmp_path):
-    """SIGTERM while the costs are measured: the record is interrupted, with the training's metrics in it."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_after_training_keeps_the_metrics(sig, tmp_path):
+    """A signal while the costs are measured: the record is interrupted, with the training's metrics in it."""
     proc = start_cli(tmp_path, *TINY, "trainer.epochs=1", "bench.latency=true", "bench.iters=100000", "bench.warmup=0",
                      "bench.batches=[1]")  # fmt: skip
-    out = signal_when(proc, "latency 1/1", signal.SIGTERM)
-    assert proc.returncode == 143, out
+    out = signal_when(proc, "latency 1/1", sig)
+    assert proc.returncode == 143 if sig == signal.SIGTERM else proc.returncode != 0, out
     [path] = records(tmp_path)
     record = read_record(path)
     assert record["status"] == "interrupted" and "costs and delta" in record["error"]
@@ -220,3 +221,21 @@ def test_a_full_results_disk_names_the_record(tmp_path):
     assert res.returncode != 0
     assert "could not write the record" in res.stderr and str(tmp_path / "runs") in res.stderr
     assert "cannot write the data cache" in res.stderr + res.stdout
+
+
+def test_vtab1k_answers_a_typo_in_one_line():
+    for args in (["lora", "--taks", "cifar100"], ["lora", "trainer.epoch=3", "--dry-run"], ["nosuch"]):
+        cmd = [sys.executable, str(ROOT / "scripts" / "vtab1k.py"), *args]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "Traceback" not in res.stderr
+
+
+def test_runs_go_outside_the_committed_results_by_default():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config")
+    tracked = subprocess.run(["git", "ls-files", "outputs"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert cfg.paths.results == "outputs/runs" and cfg.paths.bench == "outputs/bench" and tracked == ""
+    assert "/outputs/" in (ROOT / ".gitignore").read_text().split()
