@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -227,8 +228,12 @@ def test_wandb_logger_offline(tmp_path, monkeypatch):
     assert record["status"] == "ok"
     [run_dir] = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     [log] = list(run_dir.glob("*.wandb"))  # the offline run's history, to `wandb sync` later
+    keys = (b"train_loss", b"images_per_s", b"metrics/top1", b"params/trainable", b"cost/train_seconds")
+    deadline = time.monotonic() + 60  # wandb's service process writes the file after finish(), later when busy
+    while not all(k in log.read_bytes() for k in keys) and time.monotonic() < deadline:
+        time.sleep(0.5)
     data = log.read_bytes()
-    for key in (b"train_loss", b"images_per_s", b"metrics/top1", b"params/trainable", b"cost/train_seconds"):
+    for key in keys:
         assert key in data, key
 
 
