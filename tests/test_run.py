@@ -205,7 +205,7 @@ def test_no_network_names_both_ways_out(tmp_path):
 
 
 def test_interrupt_is_recorded(tmp_path, monkeypatch):
-    import vpeft.run as run_module
+    import vpeft.jobs.train as run_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -38,3 +38,7 @@ class DataError(VpeftError, ValueError):
 
 class OfflineError(VpeftError, RuntimeError):
     """Something had to be downloaded and the network is not reachable."""
+
+
+class RunFailed(VpeftError):
+    """A job that started failed in a known way (a diverged loss): recorded ``failed``, exit 1."""

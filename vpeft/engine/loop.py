@@ -22,10 +22,10 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 from tqdm.auto import tqdm
 
-from vpeft.errors import ConfigError, VpeftError
+from vpeft.errors import ConfigError, RunFailed
 
 
-class DivergedError(VpeftError, FloatingPointError):
+class DivergedError(RunFailed, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 

@@ -1,0 +1,297 @@
+"""The training job: one (backbone, method, dataset, protocol, seed) trained, evaluated and recorded.
+
+Its plan is the run's identity (the config hash covers everything that changes the result) and
+record path; the runner (vpeft.jobs.runner) gives it the shared guarantees of every job.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+import vpeft
+from vpeft.engine import TrainConfig, train
+from vpeft.errors import ConfigError
+from vpeft.jobs.runner import Context, InputError, Job, Plan, hydra_overrides
+from vpeft.methods import METHODS
+from vpeft.results import SCHEMA_VERSION, config_hash, record_path
+from vpeft.vtab import PROTOCOL_SPLITS
+
+log = logging.getLogger("vpeft")
+
+# Config keys that never change a run's result: left out of its hash, so reruns find it.
+NOT_HASHED = (
+    "paths", "logger", "bench", "save_delta", "skip_finished", "device", "hparams", "sweep", "jobs_per_gpu", "job",
+)  # fmt: skip
+NOT_HASHED_TRAINER = ("progress", "data_on_device", "eval_batch_size")
+
+
+def dataset_id(ds: dict[str, Any]) -> str:
+    """The name records and leaderboards use: the task name, or a folder's own name."""
+    if ds.get("id"):
+        return str(ds["id"])
+    if ds["name"] in ("folder", "imagefolder"):
+        return Path(str(ds["root"])).resolve().name
+    return str(ds["name"])
+
+
+def backbone_id(bb: dict[str, Any]) -> str:
+    """timm name, marked when its weights are not timm's own (offline source, local checkpoint, none)."""
+    name = str(bb["name"])
+    if bb.get("offline"):
+        return f"{name}+{bb['offline']}"
+    if bb.get("checkpoint"):
+        return f"{name}+ckpt-{Path(str(bb['checkpoint'])).stem}"
+    if not bb.get("pretrained", True):
+        return f"{name}+random"
+    return name
+
+
+def apply_hparams(cfg: DictConfig) -> None:
+    """With ``hparams=FILE``, set the values chosen for this (method, dataset) by the tune stage."""
+    from vpeft.sweep import hparams_for
+
+    path = cfg.get("hparams")
+    if not path:
+        return
+    ds = OmegaConf.to_container(cfg.dataset, resolve=True)
+    for key, value in hparams_for(path, dataset_id(ds), cfg.method.name).items():
+        OmegaConf.update(cfg, key, value, merge=False)
+
+
+def _trainer_config(trainer: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig(**trainer)
+    except TypeError as e:  # a value of the wrong kind reaching the dataclass's own checks
+        raise ConfigError(f"trainer: {e}") from None
+
+
+def _check_values(resolved: dict[str, Any]) -> None:
+    """Values of the wrong kind fail here, named, before anything heavy starts."""
+    seed = resolved.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}")
+    for key in ("lr", "weight_decay"):
+        value = resolved["optim"].get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"optim.{key} must be a finite number >= 0, got {value!r}")
+    if not resolved["optim"].get("lr", 1):
+        raise ConfigError("optim.lr must be positive, got 0")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _base_record(plan: Plan, env: dict[str, Any], started: str) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "status": "failed",
+        "error": None,
+        **plan.identity,
+        "method_config": plan.extra["method_config"],
+        "data_source": None,
+        "backbone_weights": None,
+        "metrics": {"train_loss": None, "top1": None, "eval_split": PROTOCOL_SPLITS[plan.identity["protocol"]][1]},
+        "params": {"trainable": None, "trainable_excl_head": None, "total": None},
+        "cost": {"train_seconds": None, "train_images_per_s": None, "peak_mem_mb": None},
+        "env": env,
+        "config": plan.resolved,
+        "overrides": plan.overrides,
+        "started_at": started,
+        "finished_at": None,
+    }
+
+
+def plan_run(cfg: DictConfig) -> Plan:
+    """Resolve and validate the config; compute the run's identity and record path."""
+    try:
+        apply_hparams(cfg)
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        key = e.full_key
+        hint = " (a task folder in the VTAB-1k layout)" if key == "dataset.root" else ""
+        raise InputError(f"{key} must be set: add {key}=PATH{hint} to the command line") from None
+    except OmegaConfBaseException as e:
+        raise InputError(f"configuration error: {e}") from None
+    overrides, _ = hydra_overrides()
+    method_cfg = {k: v for k, v in resolved["method"].items() if k != "name"}
+    method = METHODS.get(resolved["method"]["name"]).from_kwargs(**method_cfg)  # validates the fields
+    trainer = _trainer_config(resolved["trainer"])
+    resolved["trainer"]["warmup_epochs"] = trainer.warmup_epochs  # what runs is what the record says
+    OmegaConf.update(cfg, "trainer.warmup_epochs", trainer.warmup_epochs, merge=False)
+    _check_values(resolved)
+    protocol = resolved["protocol"]
+    if protocol not in PROTOCOL_SPLITS:
+        raise ConfigError(f"protocol must be one of {', '.join(PROTOCOL_SPLITS)}, got {protocol!r}")
+    hashed = {k: v for k, v in resolved.items() if k not in NOT_HASHED}
+    hashed["trainer"] = {k: v for k, v in resolved["trainer"].items() if k not in NOT_HASHED_TRAINER}
+    ident = {
+        "method": method.name,
+        "dataset": dataset_id(resolved["dataset"]),
+        "backbone": backbone_id(resolved["backbone"]),
+        "protocol": protocol,
+        "seed": int(resolved["seed"]),
+        "config_hash": config_hash(hashed),
+    }
+    return Plan(
+        cfg=cfg,
+        resolved=resolved,
+        overrides=overrides,
+        identity=ident,
+        record_path=record_path(resolved["paths"]["results"], ident),
+        extra={"method_config": method.config_dict()},
+    )
+
+
+def _run_name(plan: Plan) -> str:
+    i = plan.identity
+    return f"{i['dataset']}-{i['method']}-{i['protocol']}-s{i['seed']}"
+
+
+class TrainJob(Job):
+    """Set-up, training, then costs and the delta file."""
+
+    kind = "train"
+
+    def plan(self, cfg: DictConfig) -> Plan:
+        return plan_run(cfg)
+
+    def base_record(self, plan: Plan, env: dict[str, Any], started: str) -> dict[str, Any]:
+        return _base_record(plan, env, started)
+
+    def describe(self, record: dict[str, Any]) -> str:
+        return f"top-1 {record['metrics']['top1']}"
+
+    def execute(self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context) -> None:
+        from hydra.utils import instantiate
+
+        from vpeft.backbones import backbone_from_config, create_backbone
+        from vpeft.data import check_task, load_task
+        from vpeft.loggers import make_logger
+
+        r = plan.resolved
+        seed = plan.identity["seed"]
+        protocol = plan.identity["protocol"]
+        seed_everything(seed)
+        ds = dict(r["dataset"])
+        name = ds.pop("name")
+        ds.pop("id", None)
+        where = {
+            "root": ds.pop("root", None),
+            "vtab_root": r["paths"]["vtab_root"],
+            "download_root": r["paths"]["data_root"],
+            "cache_dir": os.path.join(r["paths"]["cache"], "data"),
+            **ds,
+        }
+        check_task(name, protocol, **where)  # a wrong folder fails now, not after the backbone's download
+        bb_cfg = r["backbone"]
+        bb = backbone_from_config(bb_cfg, num_classes=0)
+        record["backbone_weights"] = bb.weights
+        task = load_task(name, protocol, tuple(bb.input_size[1:]), bb.interpolation, **where)
+        record["data_source"] = task.source
+        record["data"] = {
+            "train_split": task.train.name,
+            "eval_split": task.eval.name,
+            "n_train": len(task.train.labels),
+            "n_eval": len(task.eval.labels),
+            "num_classes": task.num_classes,
+            "input_size": list(bb.input_size),
+            "mean": list(bb.mean),
+            "std": list(bb.std),
+            "interpolation": bb.interpolation,
+            "normalization": "backbone pretrained config (timm)",
+        }
+        model = bb.model
+        torch.manual_seed(seed)  # the head and the delta start from the run's seed
+        model.reset_classifier(task.num_classes)
+        vpeft.apply_method(model, plan.identity["method"], **{k: v for k, v in r["method"].items() if k != "name"})
+        count = vpeft.count_parameters(model)
+        record["params"] = {
+            "trainable": count.trainable,
+            "trainable_excl_head": count.trainable_excl_head,
+            "total": count.total,
+        }
+        params = [p for p in model.parameters() if p.requires_grad]
+        try:
+            optimizer = instantiate(r["optim"])(params)
+        except ValueError as e:  # torch's own checks: "Invalid learning rate: nan" ...
+            raise ConfigError(f"optim: {e}; check optim.lr and optim.weight_decay") from None
+        logger = ctx.state["logger"] = make_logger(r["logger"], plan.resolved, _run_name(plan))
+        ctx.phase = "training"
+        result = train(
+            model,
+            task.train.images,
+            task.train.labels,
+            task.eval.images,
+            task.eval.labels,
+            optimizer,
+            TrainConfig(**r["trainer"]),
+            bb.mean,
+            bb.std,
+            device,
+            seed=seed,
+            on_epoch_end=logger.log_epoch,
+        )
+        ctx.phase = "costs and delta"  # the metrics go into the record before anything else can fail
+        record["metrics"] = {
+            "top1": result.top1,
+            "train_loss": result.train_loss,
+            "eval_loss": result.eval_loss,
+            "eval_split": task.eval.name,
+            "train_split": task.train.name,
+            "epochs": len(result.epochs),
+            "best_epoch_top1": result.best_epoch_top1,  # selection on the evaluated split: never ranks
+            "best_epoch": result.best_epoch,
+            "history": [
+                {"epoch": e.epoch, "train_loss": e.train_loss, "lr": e.lr, "eval_top1": e.eval_top1}
+                for e in result.epochs
+            ],
+        }
+        record["cost"] = {
+            "train_seconds": result.train_seconds,
+            "train_images_per_s": result.train_images_per_s,
+            "peak_mem_mb": result.peak_mem_mb,
+            "peak_mem_kind": result.peak_mem_kind,
+            "eval_seconds": result.eval_seconds,
+            "data_seconds": task.decode_seconds,
+            "data_cache_hit": task.cache_hit,
+            "amp": result.amp,
+        }
+        bench_cfg = {k: v for k, v in r["bench"].items() if k not in ("only", "num_classes")}
+        if bench_cfg.get("latency", True) or bench_cfg.get("flops", True):
+            from vpeft.bench import BenchConfig, cost_summary
+
+            bare = create_backbone(
+                bb_cfg["name"], task.num_classes, pretrained=False, img_size=bb_cfg.get("img_size")
+            ).model  # the same architecture and head without any method: the reference of every ratio
+            record["cost"].update(cost_summary(model, bare, bb.input_size, device, BenchConfig.from_dict(bench_cfg)))
+        if plan.cfg.save_delta:
+            delta = vpeft.save_delta(model, plan.record_path.with_suffix(".safetensors"), extra=plan.identity)
+            record["delta_file"] = delta.name
+        ctx.state["done"] = f"top-1 {result.top1:.2f}% on {task.eval.name}"
+        ctx.state["record_path"] = plan.record_path
+
+    def after(self, ctx: Context, record: dict[str, Any], ok: bool) -> None:
+        logger = ctx.state.get("logger")
+        if ok:
+            if logger is not None:
+                logger.log_record(record)
+            i = record
+            log.info("%s %s on %s: %s", i["backbone"], i["method"], i["dataset"], ctx.state["done"])
+            print(f"{ctx.state['done']} | record: {ctx.state['record_path']}")
+        if logger is not None:
+            logger.finish(ok=ok)
