@@ -35,9 +35,11 @@ download), --random-init times the runs without them (accuracy then means nothin
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,6 +177,23 @@ def bare(name: str, img_size: int, num_classes: int = 100):
     return create_backbone(name, num_classes, pretrained=False, img_size=img_size).model
 
 
+_INPUTS = Path(tempfile.mkdtemp(prefix="vpeft-bench-inputs-"))
+atexit.register(shutil.rmtree, _INPUTS, ignore_errors=True)
+
+
+def inputs(method: str, backbone: str, args) -> dict[str, Any]:
+    """The config a method needs beyond its defaults: AdapterFusion fuses two adapters, saved fresh here
+    (what a step costs does not depend on the adapters' weights)."""
+    if method != "adapter_fusion":
+        return {}
+    files = []
+    for i in range(2):
+        torch.manual_seed(i)
+        adapter = vpeft.apply_method(bare(backbone, args.img_size), "adapter_pfeiffer")
+        files.append(str(vpeft.save_delta(adapter, _INPUTS / f"{backbone}-{args.img_size}-{i}.safetensors")))
+    return {"adapters": files}
+
+
 def section_step(args, device, peak, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fills ``rows`` as it goes, so a run stopped part-way keeps the rows it measured."""
     methods = args.methods or vpeft.list_methods()
@@ -187,7 +206,7 @@ def section_step(args, device, peak, rows: list[dict[str, Any]]) -> list[dict[st
                 rows.append(step_row(model, "(frozen backbone)", backbone, args, device, peak, compiled, frozen=True))
                 log(rows[-1])
             for method in methods:
-                model = vpeft.apply_method(bare(backbone, args.img_size), method)
+                model = vpeft.apply_method(bare(backbone, args.img_size), method, **inputs(method, backbone, args))
                 rows.append(step_row(model, method, backbone, args, device, peak, compiled))
                 log(rows[-1])
                 del model
@@ -398,7 +417,7 @@ def section_latency(args, device, out: dict[str, Any]) -> dict[str, Any]:
     out.update(backbone=backbone, rows=[], reports={})
     rows, reports = out["rows"], out["reports"]
     for method in args.methods or vpeft.list_methods():
-        model = vpeft.apply_method(bare(backbone, args.img_size), method)
+        model = vpeft.apply_method(bare(backbone, args.img_size), method, **inputs(method, backbone, args))
         rep = measure_latency(
             model, size, batches=args.latency_batches, baseline=baseline, device=device,
             warmup=1 if cpu else None, iters=3 if cpu else None,
@@ -430,7 +449,7 @@ def section_profile(args, device) -> dict[str, Any]:
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     out = {}
     for method in args.methods or ["lora"]:
-        model = vpeft.apply_method(bare(backbone, args.img_size), method).to(device)
+        model = vpeft.apply_method(bare(backbone, args.img_size), method, **inputs(method, backbone, args)).to(device)
         measure_training(model, size, batch_size=args.batch, steps=1, warmup=args.warmup, device=device)  # warm
         with profile(activities=activities) as prof:
             rep = measure_training(model, size, batch_size=args.batch, steps=args.steps, warmup=0, device=device)

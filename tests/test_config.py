@@ -110,7 +110,8 @@ def test_unknown_group_option_lists_the_valid_ones():
 
 
 def test_every_method_has_a_vtab1k_recipe_that_composes():
-    for name in vpeft.list_methods():
+    # adapter_fusion fuses adapters trained on other tasks first: a two-stage job, not a single-task recipe
+    for name in sorted(set(vpeft.list_methods()) - {"adapter_fusion"}):
         path = CONF / "experiment" / f"vtab1k_{name}.yaml"
         assert path.is_file(), f"no VTAB-1k recipe for {name}"
         header = path.read_text()

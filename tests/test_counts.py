@@ -121,3 +121,49 @@ def test_prefix_fold_leaves_only_the_prefixes():
     count = vpeft.count_parameters(model)
     assert count.trainable_excl_head == closed_form("prefix", {"num_tokens": 4}, 48, 3, 96, True)
     assert count.total == sum(p.numel() for p in make_vit().parameters()) + count.trainable_excl_head
+
+
+def fusion_closed_form(d: int, depth: int, sites: int) -> int:
+    """Per fused position Q (d x d + d), K (d x d: its bias cancels in the softmax), V (d x d): 3 d^2 + d."""
+    return sites * depth * (3 * d * d + d)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(("kind", "sites"), [("adapter_pfeiffer", 1), ("adapter_houlsby", 2)])
+def test_adapter_fusion_tiny_counts(arch, kind, sites, tmp_path):
+    from test_methods import adapter_files
+
+    paths = adapter_files(arch, tmp_path, kind, n=3, bottleneck=5)
+    model = make_vit(arch)
+    total_before = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for p in model.get_classifier().parameters())
+    vpeft.apply_method(model, "adapter_fusion", adapters=paths)
+    d, depth = TINY["embed_dim"], TINY["depth"]
+    expected = fusion_closed_form(d, depth, sites)
+    count = vpeft.count_parameters(model)
+    assert count.trainable_excl_head == expected
+    assert count.trainable == expected + head
+    frozen = 3 * closed_form(kind, {"bottleneck": 5}, d, depth, 0, True)  # the three adapters, loaded frozen
+    assert count.total == total_before + expected + frozen
+
+
+def test_adapter_fusion_vit_base_count(tmp_path):
+    """ViT-B/16 with two Pfeiffer adapters (the fusion's size does not depend on how many are fused)."""
+    from vpeft.layers import SerialAdapter
+
+    paths = []
+    for i in range(2):
+        source = vpeft.apply_method(
+            timm.create_model("vit_base_patch16_224", num_classes=10, device="meta"), "adapter_pfeiffer"
+        )
+        for m in [*(m for m in source.modules() if isinstance(m, SerialAdapter)), source.head]:
+            m.to_empty(device="cpu")
+            for p in m.parameters():
+                p.data.normal_(std=0.02)
+        paths.append(str(vpeft.save_delta(source, tmp_path / f"a{i}.safetensors")))
+    model = timm.create_model("vit_base_patch16_224", num_classes=100, device="meta")
+    vpeft.apply_method(model, "adapter_fusion", adapters=paths)
+    count = vpeft.count_parameters(model)
+    assert count.trainable_excl_head == fusion_closed_form(768, 12, 1) == 21_242_880
+    assert count.trainable == 21_242_880 + 768 * 100 + 100
+    assert count.total == 85_798_656 + 76_900 + 21_242_880 + 2 * 156_768

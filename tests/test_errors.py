@@ -39,6 +39,10 @@ def test_unknown_config_field_lists_fields():
         ("prefix", {"num_tokens": 0}, "num_tokens must be a positive integer"),
         ("prefix", {"reparam": True, "reparam_hidden": -4}, "reparam_hidden must be a positive integer"),
         ("prefix", {"reparam": "yes"}, "true or false"),
+        ("adapter_fusion", {}, r"needs adapters=\[\.\.\.\].*at least two adapter_houlsby or adapter_pfeiffer"),
+        ("adapter_fusion", {"adapters": ["a.safetensors"]}, "at least two adapters"),
+        ("adapter_fusion", {"adapters": [1, 2]}, "list of file paths"),
+        ("adapter_fusion", {"adapters": ["a", "b"], "checksums": ["x"]}, "1 checksums for 2 adapters"),
     ],
 )
 def test_bad_config_values(name, kwargs, match):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import make_vit, tiny_input
-from test_methods import MERGEABLE, perturb_delta
+from test_methods import MERGEABLE, contract_config, perturb_delta  # noqa: F401 (a fixture)
 
 import vpeft
 
@@ -11,8 +11,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("name", vpeft.list_methods())
-def test_cuda_bf16_contract(name, tmp_path):
-    model = vpeft.apply_method(make_vit("dinov2_reg").cuda(), name)
+def test_cuda_bf16_contract(name, tmp_path, contract_config):  # noqa: F811 - the fixture imported above
+    model = vpeft.apply_method(make_vit("dinov2_reg").cuda(), name, **contract_config(name, "dinov2_reg"))
     x = tiny_input(model, batch=4).cuda()
     frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
     model.train()
@@ -31,7 +31,7 @@ def test_cuda_bf16_contract(name, tmp_path):
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         ref = model(x).float()
     path = vpeft.save_delta(model, tmp_path / "d.safetensors")
-    fresh = vpeft.load_delta(make_vit("dinov2_reg").cuda(), path)
+    fresh = vpeft.load_delta(make_vit("dinov2_reg").cuda(), path)  # adapter_fusion: its adapters by path
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         assert torch.equal(fresh(x).float(), ref)
     if name in MERGEABLE:

@@ -1,6 +1,7 @@
 """The method contract, checked for every registered method on tiny ViTs of each variant."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ MERGEABLE = {"linear", "full", "bitfit", "lora", "ssf", "ia3"}
 
 def test_list_methods():
     assert METHODS == [
+        "adapter_fusion",
         "adapter_houlsby",
         "adapter_pfeiffer",
         "adaptformer",
@@ -51,13 +53,38 @@ def perturb_delta(model: nn.Module, seed: int = 3) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
 
 
+def adapter_files(arch: str, directory: Path, method: str = "adapter_pfeiffer", n: int = 2, **config) -> list[str]:
+    """``n`` adapter delta files on the tiny ViT ``arch``, each with its own non-zero weights."""
+    paths = []
+    for i in range(n):
+        model = vpeft.apply_method(make_vit(arch), method, **config)
+        perturb_delta(model, seed=10 + i)
+        paths.append(str(vpeft.save_delta(model, directory / f"{method}-{arch}-{i}.safetensors")))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def contract_config(tmp_path_factory):
+    """``kwargs(name, arch)``: the config the contract applies, the defaults plus adapter files for adapter_fusion."""
+    files: dict[str, list[str]] = {}
+
+    def kwargs(name: str, arch: str = "vit") -> dict:
+        if name != "adapter_fusion":
+            return {}
+        if arch not in files:
+            files[arch] = adapter_files(arch, tmp_path_factory.mktemp(f"adapters-{arch}"))
+        return {"adapters": files[arch]}
+
+    return kwargs
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", METHODS)
-def test_shape_and_frozen_set(name, arch):
+def test_shape_and_frozen_set(name, arch, contract_config):
     model = make_vit(arch)
     x = tiny_input(model)
     ref_shape = model(x).shape
-    out = vpeft.apply_method(model, name)
+    out = vpeft.apply_method(model, name, **contract_config(name, arch))
     assert out is model
     assert model(x).shape == ref_shape
     trainable = vpeft.trainable_parameters(model)
@@ -123,16 +150,16 @@ def test_merge_changes_weights_not_structure(name):
 
 
 @pytest.mark.parametrize("name", sorted(set(METHODS) - MERGEABLE))
-def test_merge_of_non_mergeable_raises(name):
-    model = vpeft.apply_method(make_vit(), name)
+def test_merge_of_non_mergeable_raises(name, contract_config):
+    model = vpeft.apply_method(make_vit(), name, **contract_config(name))
     with pytest.raises(vpeft.NotMergeableError, match="mergeable methods: bitfit, full, ia3, linear, lora, ssf$"):
         vpeft.merge(model)
 
 
 @pytest.mark.parametrize("arch", ["vit", "dinov2_reg"])
 @pytest.mark.parametrize("name", METHODS)
-def test_one_step_changes_only_the_delta(name, arch):
-    model = vpeft.apply_method(make_vit(arch), name)
+def test_one_step_changes_only_the_delta(name, arch, contract_config):
+    model = vpeft.apply_method(make_vit(arch), name, **contract_config(name, arch))
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = vpeft.trainable_parameters(model)
@@ -153,8 +180,8 @@ def test_one_step_changes_only_the_delta(name, arch):
 
 @pytest.mark.parametrize("arch", ["vit", "dinov2_reg", "avgpool"])
 @pytest.mark.parametrize("name", METHODS)
-def test_save_load_roundtrip(name, arch, tmp_path):
-    model = vpeft.apply_method(make_vit(arch), name)
+def test_save_load_roundtrip(name, arch, tmp_path, contract_config):
+    model = vpeft.apply_method(make_vit(arch), name, **contract_config(name, arch))
     perturb_delta(model)
     x = tiny_input(model)
     ref = model(x)
@@ -198,7 +225,7 @@ def test_deepcopy_keeps_the_delta_working():
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_bf16_autocast_keeps_the_backbones_dtypes(name):
+def test_bf16_autocast_keeps_the_backbones_dtypes(name, contract_config):
     """Under bf16 autocast every backbone layer outputs the dtype it outputs without the method.
 
     A delta kept in fp32 must not promote the activations it touches to fp32: that doubles their
@@ -226,5 +253,5 @@ def test_bf16_autocast_keeps_the_backbones_dtypes(name):
         return seen
 
     bare = dtypes(make_vit())
-    tuned = dtypes(vpeft.apply_method(make_vit(), name))
+    tuned = dtypes(vpeft.apply_method(make_vit(), name, **contract_config(name)))
     assert {n: tuned[n] for n in bare if n in tuned} == {n: bare[n] for n in bare if n in tuned}

@@ -3,6 +3,7 @@
 from vpeft.layers.adapter import SerialAdapter
 from vpeft.layers.bottleneck import Bottleneck
 from vpeft.layers.delta import Delta, OutputDelta, attach, attached, detach
+from vpeft.layers.fusion import AdapterFusion, FrozenAdapter
 from vpeft.layers.lora import LoRA
 from vpeft.layers.prefix import PrefixAttention, PrefixEncoder
 from vpeft.layers.prompts import PromptedBlocks
@@ -10,8 +11,10 @@ from vpeft.layers.rescale import Rescale, fold_input_scale
 from vpeft.layers.scale_shift import ScaleShift, fold_affine
 
 __all__ = [
+    "AdapterFusion",
     "Bottleneck",
     "Delta",
+    "FrozenAdapter",
     "LoRA",
     "OutputDelta",
     "PrefixAttention",
