@@ -1,0 +1,102 @@
+"""The merge job end to end (`run.py job=merge`): tune deltas choose, final deltas are tested, records, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from data_helpers import write_noah
+from test_run import odd_images, run_inproc
+
+from vpeft.results.merges import read_merge_record
+
+TINY = ["backbone=vit_tiny_random", "method=lora", "trainer.epochs=1", "bench.latency=false", "bench.flops=false",
+        "trainer.progress=false", "trainer.batch_size=8"]  # fmt: skip
+SPLITS = ("train800", "val200", "train800val200", "test")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """Two small real-image task folders, each task's tune and final LoRA runs done."""
+    tmp = tmp_path_factory.mktemp("merge")
+    tasks = []
+    for k, name in enumerate(("alpha", "beta")):
+        root = write_noah(tmp / "tasks" / name, {s: odd_images(12, seed=k * 10 + i) for i, s in enumerate(SPLITS)})
+        tasks.append(f"folder:{root}")
+        for protocol in ("tune", "final"):
+            record = run_inproc(tmp, *TINY, "dataset=folder", f"dataset.root={root}", f"protocol={protocol}")
+            assert record["status"] == "ok"
+    return tmp, tasks
+
+
+def merge(tmp, tasks, *overrides):
+    return run_inproc(tmp, *TINY, "job=merge", f"paths.merges={tmp / 'merges'}", f"merge.tasks=[{','.join(tasks)}]",
+                      *overrides)  # fmt: skip
+
+
+def test_a_merge_record_per_task_and_normalized_accuracy(pool):
+    tmp, tasks = pool
+    record = merge(tmp, tasks, "merge=task_arithmetic", "merge.grid.lam=[0.0,1.0]")
+    assert record["status"] == "ok" and record["tasks"] == ["alpha", "beta"]
+    assert record["params"]["lam"] in (0.0, 1.0) and len(record["selection"]["grid"]) == 2
+    for task in record["per_task"].values():
+        assert task["normalized"] == pytest.approx(task["top1"] / task["individual_top1"])
+        assert task["eval_split"] == "test" and task["delta_file"].endswith(".safetensors")
+    means = record["metrics"]
+    assert means["mean_top1"] == pytest.approx(sum(t["top1"] for t in record["per_task"].values()) / 2)
+    # the selection is on val200: its grid scores are the chosen point's val top-1
+    chosen = next(g for g in record["selection"]["grid"] if g["params"] == record["params"])
+    assert {t: s["val_top1"] for t, s in record["per_task"].items()} == chosen["val_top1"]
+    [path] = list((tmp / "merges").rglob("task_arithmetic-*.json"))
+    assert read_merge_record(path) == json.loads(path.read_text())
+    # the same merge again is finished: skipped, not redone
+    assert merge(tmp, tasks, "merge=task_arithmetic", "merge.grid.lam=[0.0,1.0]") == read_merge_record(path)
+
+
+def test_test_labels_never_choose(pool, tmp_path):
+    """Rewriting every test label changes the test scores but not the coefficients chosen."""
+    tmp, tasks = pool
+    before = merge(tmp, tasks, "merge=ties", "merge.grid.lam=[0.5,1.0]", "merge.grid.density=[0.2,1.0]")
+    for task in tasks:
+        test = tmp / "tasks" / task.split("/")[-1] / "test.txt"
+        lines = [line.split() for line in test.read_text().splitlines()]
+        test.write_text("".join(f"{p} {(int(y) + 1) % 3}\n" for p, y in lines))
+    after = merge(tmp, tasks, "merge=ties", "merge.grid.lam=[0.5,1.0]", "merge.grid.density=[0.2,1.0]",
+                  "skip_finished=false")  # fmt: skip
+    assert after["params"] == before["params"]
+    assert after["selection"]["grid"] == before["selection"]["grid"]
+
+
+def test_negation_records_the_drop_and_the_control(pool):
+    tmp, tasks = pool
+    record = merge(tmp, tasks, "merge=negation", "merge.grid.lam=[0.5,1.0]")
+    assert record["status"] == "ok" and record["algorithm"] == "negation"
+    target = record["per_task"]["alpha"]
+    assert record["metrics"]["target_drop"] == pytest.approx(target["individual_top1"] - target["top1"])
+    assert "control" in record["selection"]["rule"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["merge.tasks=[digits]"], "at least two distinct tasks"),
+        (["merge=ties", "+merge.grid.alpha=[1]"], "has no parameter 'alpha'"),
+        (["method=vpt_deep"], "mergeable methods:"),
+        (["merge.space=diagonal"], "merge.space must be one of"),
+        (["merge.tasks=[digits,nosuch]"], "unknown task 'nosuch'"),
+        (["merge.tasks=[digits,fashion_mnist]"], "train it first: python run.py method=lora protocol=tune"),
+    ],
+)
+def test_bad_input_exits_2_without_a_record(overrides, needle, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_inproc(tmp_path, *TINY, "job=merge", f"paths.merges={tmp_path / 'merges'}", "merge.tasks=[digits,x]",
+                   *overrides)  # fmt: skip
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "merges").exists()
+
+
+def test_an_unknown_job_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_inproc(tmp_path, *TINY, "job=nosuch")
+    assert e.value.code == 2 and "jobs: train, merge" in capsys.readouterr().err

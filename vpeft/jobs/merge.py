@@ -1,0 +1,319 @@
+"""The merge job (``python run.py job=merge merge=ties method=lora merge.tasks=[...]``).
+
+The deltas of N tasks (one backbone, one method, the run config given) are merged into one backbone
+with an algorithm of ``vpeft.compose``, and the merged backbone is evaluated on every task with that
+task's own head (heads are not merged). Coefficients follow the VTAB-1k protocol: each grid point
+merges the tasks' ``protocol=tune`` deltas (trained on train800) and is scored by the mean val200
+top-1; the chosen point then merges the ``protocol=final`` deltas (train800val200), evaluated once
+on each task's test split. The test split never chooses anything. Normalized accuracy is the merged
+top-1 over the task's own delta's top-1, both evaluated here alike.
+
+``merge=negation`` (task arithmetic's forgetting protocol, tasks [target, control]): the target's
+vector is subtracted; lambda is the largest on the grid that keeps the control task (its own delta on
+the negated backbone) at >= 95% of its own val200 top-1; the record holds the target's drop and what
+the control keeps.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vpeft.errors import ConfigError, DataError, NotMergeableError
+from vpeft.jobs.runner import Context, Job, Plan, hydra_overrides
+from vpeft.methods import METHODS
+from vpeft.results import config_hash
+
+log = logging.getLogger("vpeft")
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+NEGATION_KEEP = 0.95  # the control task keeps at least this share of its own val200 top-1 (Ilharco et al.)
+
+
+def task_dataset(task: str) -> dict[str, Any]:
+    """A task of the pool: a dataset config name (conf/dataset/<name>.yaml), or ``folder:<path>``."""
+    if task.startswith("folder:"):
+        return {"name": "folder", "root": task.split(":", 1)[1], "id": None}
+    path = CONF / "dataset" / f"{task}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF / "dataset").glob("*.yaml") if p.stem not in ("folder", "imagefolder"))
+        raise ConfigError(f"merge.tasks: unknown task {task!r}; tasks: {', '.join(known)}, or folder:/path/to/task")
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def run_config(cfg: DictConfig, task: str, protocol: str) -> DictConfig:
+    """The training run's config of ``task`` under ``protocol``: this config with the task's dataset."""
+    run = copy.deepcopy(cfg)
+    with open_dict(run):
+        run.dataset = OmegaConf.create(task_dataset(task))
+        run.protocol = protocol
+        run.job = "train"
+    return run
+
+
+class MergeJob(Job):
+    kind = "merge"
+
+    def plan(self, cfg: DictConfig) -> Plan:
+        from vpeft import compose
+        from vpeft.jobs.train import plan_run
+
+        m = OmegaConf.to_container(cfg.merge, resolve=True)
+        tasks = [str(t) for t in m.get("tasks") or []]
+        algorithm = m["algorithm"]
+        negation = algorithm == "negation"
+        if algorithm not in (*compose.ALGORITHMS, "negation"):
+            from vpeft.errors import UnknownNameError
+
+            raise UnknownNameError("merge algorithm", algorithm, [*compose.ALGORITHMS, "negation"])
+        if len(tasks) < 2 or len(set(tasks)) != len(tasks) or (negation and len(tasks) != 2):
+            want = "two tasks: [target, control]" if negation else "at least two distinct tasks"
+            raise ConfigError(f"merge.tasks needs {want}, got {tasks}")
+        if m["space"] not in compose.SPACES:
+            raise ConfigError(f"merge.space must be one of {', '.join(compose.SPACES)}, got {m['space']!r}")
+        method = str(cfg.method.name)
+        if m["space"] == "weights" and method in METHODS and not METHODS.get(method).mergeable:
+            from vpeft.methods import mergeable_methods
+
+            raise NotMergeableError(
+                f"{method} has no weight-space task vector (its delta changes the computation, not the weights); "
+                f"mergeable methods: {', '.join(mergeable_methods())}; merge.space=delta merges its own tensors"
+            )
+        grid = {k: list(v) for k, v in (m.get("grid") or {}).items()}
+        defaults = compose.algorithm_params("task_arithmetic" if negation else algorithm)
+        for key in [*grid, *(m.get("params") or {})]:
+            if key not in defaults:
+                raise ConfigError(f"merge: {algorithm} has no parameter {key!r}; its parameters: {', '.join(defaults)}")
+        runs = {t: {p: plan_run(run_config(cfg, t, p)) for p in ("tune", "final")} for t in tasks}
+        first = runs[tasks[0]]["final"]
+        ident = {
+            "method": first.identity["method"],
+            "backbone": first.identity["backbone"],
+            "algorithm": algorithm,
+            "space": m["space"],
+            "tasks": [r["final"].identity["dataset"] for r in runs.values()],
+            "seed": first.identity["seed"],
+        }
+        hashed = {**ident, "grid": grid, "params": m.get("params") or {},
+                  "runs": {t: [r["tune"].identity["config_hash"], r["final"].identity["config_hash"]] for t, r in runs.items()}}  # fmt: skip  # noqa: E501
+        ident["config_hash"] = config_hash(hashed)
+        root = Path(cfg.paths.get("merges") or Path(cfg.paths.results).parent / "merges")
+        name = f"{algorithm}-{m['space']}-{'+'.join(ident['tasks'])}-seed{ident['seed']}-{ident['config_hash']}.json"
+        path = root / ident["backbone"].replace("/", "_") / ident["method"] / name
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        return Plan(cfg, resolved, hydra_overrides()[0], ident, path,
+                    extra={"runs": runs, "tasks": tasks, "grid": grid, "params": m.get("params") or {}})  # fmt: skip
+
+    def base_record(self, plan: Plan, env: dict[str, Any], started: str) -> dict[str, Any]:
+        from vpeft.results.merges import MERGE_KIND, MERGE_SCHEMA_VERSION
+
+        return {
+            "kind": MERGE_KIND,
+            "schema_version": MERGE_SCHEMA_VERSION,
+            "status": "failed",
+            "error": None,
+            **plan.identity,
+            "params": {},
+            "selection": None,
+            "per_task": {},
+            "metrics": {},
+            "cost": {},
+            "env": env,
+            "config": plan.resolved,
+            "overrides": plan.overrides,
+            "started_at": started,
+            "finished_at": None,
+        }
+
+    def read(self, path: Path) -> dict[str, Any]:
+        from vpeft.results.merges import read_merge_record
+
+        return read_merge_record(path)
+
+    def write(self, path: Path, record: dict[str, Any]) -> bool:
+        from vpeft.results.merges import validate_merge_record
+        from vpeft.results.store import record_lock, write_json_atomic
+
+        validate_merge_record(record)
+        with record_lock(path):
+            if record["status"] != "ok" and path.exists():
+                try:
+                    if self.read(path)["status"] == "ok":
+                        return False
+                except (OSError, ValueError):
+                    pass
+            write_json_atomic(path, record)
+        return True
+
+    def describe(self, record: dict[str, Any]) -> str:
+        return f"mean top-1 {record['metrics'].get('mean_top1')}"
+
+    def execute(self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context) -> None:
+        from vpeft import compose
+        from vpeft.backbones import backbone_from_config
+        from vpeft.data import load_task
+        from vpeft.engine.loop import evaluate
+
+        x = plan.extra
+        tasks, runs = x["tasks"], x["runs"]
+        deltas = {t: {p: _finished_delta(runs[t][p], t, p) for p in ("tune", "final")} for t in tasks}
+        r = plan.resolved
+        from vpeft.jobs.train import seed_everything
+
+        seed_everything(plan.identity["seed"])  # a randomly initialised backbone is the runs' own only so
+        bb = backbone_from_config(r["backbone"], num_classes=1)  # any head: each task's replaces it
+        base = bb.model.to(device).eval()
+        data = {}
+        for t in tasks:
+            where = _data_args(runs[t]["final"].resolved)
+            name = where.pop("name")
+            for protocol in ("tune", "final"):
+                split = load_task(name, protocol, tuple(bb.input_size[1:]), bb.interpolation, **where).eval
+                data[t, protocol] = split
+        heads = {p: [compose.task_head(deltas[t][p], base) for t in tasks] for p in ("tune", "final")}
+        vectors = {p: [compose.task_vector(deltas[t][p], base, plan.identity["space"]) for t in tasks]
+                   for p in ("tune", "final")}  # fmt: skip
+        ctx.phase = "merging"
+        amp = r["trainer"].get("amp", "auto")
+        batch = int(r["trainer"].get("eval_batch_size", 256))
+
+        def top1(model, t: str, protocol: str) -> float:
+            split = data[t, protocol]
+            return evaluate(model, split.images, split.labels, bb.mean, bb.std, device, batch, amp)[0]
+
+        def individual(i: int, protocol: str) -> float:
+            """The task's own delta, evaluated here as the merged models are."""
+            from vpeft.core import load_delta
+
+            model = copy.deepcopy(base)
+            model.reset_classifier(next(v.shape[0] for v in heads[protocol][i].values() if v.ndim == 2))
+            return top1(load_delta(model, deltas[tasks[i]][protocol]).to(device).eval(), tasks[i], protocol)
+
+        start = time.perf_counter()
+        own = {p: {t: individual(i, p) for i, t in enumerate(tasks)} for p in ("tune", "final")}
+        grid_points = [dict(zip(x["grid"], values)) for values in itertools.product(*x["grid"].values())] or [{}]
+        negation = plan.identity["algorithm"] == "negation"
+        names = plan.identity["tasks"]
+        scorer = _negation_scores if negation else _merge_scores
+
+        def val(model, t: str) -> float:
+            return top1(model, t, "tune")
+
+        scored = []
+        for point in grid_points:
+            params = {**x["params"], **point}
+            scores = scorer(compose, base, vectors["tune"], heads["tune"], tasks, params, plan.identity, val)
+            scored.append({"params": params, "val_top1": scores})
+            log.info("merge %s %s: val200 %s", plan.identity["algorithm"], params, scores)
+        if negation:
+            target, control = tasks
+            keep = [s for s in scored if s["val_top1"][names[1]] >= NEGATION_KEEP * own["tune"][control]]
+            chosen = min(keep or scored, key=lambda s: s["val_top1"][names[0]])  # the most forgetting kept in bounds
+            rule = (f"lowest target val200 top-1 whose control keeps >= {NEGATION_KEEP:.0%} of its own val200 top-1"
+                    + ("" if keep else " (no grid point did: the control's best was taken)"))  # fmt: skip
+        else:
+            chosen = max(scored, key=lambda s: sum(s["val_top1"].values()) / len(tasks))  # max keeps the first
+            rule = "highest mean val200 top-1 over the tasks (tune deltas); ties: first grid point"
+        for s in scored:
+            s["mean"] = sum(s["val_top1"].values()) / len(tasks)
+        record["params"] = chosen["params"]
+        record["selection"] = {"rule": rule, "grid": scored}
+        merge_seconds = time.perf_counter() - start
+        ctx.phase = "evaluating"
+        start = time.perf_counter()
+        final = (_negation_scores if negation else _merge_scores)(
+            compose, base, vectors["final"], heads["final"], tasks, chosen["params"], plan.identity,
+            lambda m, t: top1(m, t, "final"),
+        )  # fmt: skip
+        for t, name in zip(tasks, names):
+            record["per_task"][name] = {
+                "top1": final[name],
+                "individual_top1": own["final"][t],
+                "normalized": final[name] / own["final"][t] if own["final"][t] else None,
+                "val_top1": chosen["val_top1"][name],
+                "individual_val_top1": own["tune"][t],
+                "eval_split": data[t, "final"].name,
+                "delta_file": str(deltas[t]["final"]),
+                "record": str(runs[t]["final"].record_path),
+            }
+        per = list(record["per_task"].values())
+        record["metrics"] = {
+            "mean_top1": sum(p["top1"] for p in per) / len(per),
+            "mean_individual_top1": sum(p["individual_top1"] for p in per) / len(per),
+            "mean_normalized": sum(p["normalized"] or 0 for p in per) / len(per),
+        }
+        if negation:
+            tgt, ctl = (record["per_task"][n] for n in plan.identity["tasks"])
+            record["metrics"] |= {
+                "target_drop": tgt["individual_top1"] - tgt["top1"],
+                "control_normalized": ctl["normalized"],
+            }
+        record["cost"] = {"merge_seconds": merge_seconds, "eval_seconds": time.perf_counter() - start,
+                          "grid_points": len(grid_points)}  # fmt: skip
+        ctx.state["path"] = plan.record_path
+
+    def after(self, ctx: Context, record: dict[str, Any], ok: bool) -> None:
+        if ok:
+            m = record["metrics"]
+            print(f"{record['algorithm']} ({record['space']}) of {record['method']} over {', '.join(record['tasks'])}: "
+                  f"mean top-1 {m['mean_top1']:.2f}%, normalized {m['mean_normalized']:.3f}, params {record['params']}"
+                  f" | record: {ctx.state['path']}")  # fmt: skip
+
+
+def _merge_scores(compose, base, vectors, heads, tasks, params, identity, score) -> dict[str, float]:
+    merged = compose.merge_vectors(vectors, identity["algorithm"], **params)
+    model = compose.apply_vector(base, merged).eval()
+    return {
+        name: score(compose.put_head(model, heads[i]), t) for i, (t, name) in enumerate(zip(tasks, identity["tasks"]))
+    }
+
+
+def _negation_scores(compose, base, vectors, heads, tasks, params, identity, score) -> dict[str, float]:
+    """The target on the backbone minus its vector; the control with its own vector on that backbone."""
+    lam = float(params.get("lam", 1.0))
+    minus = compose.scale(vectors[0], -lam)
+    target = compose.put_head(compose.apply_vector(base, minus).eval(), heads[0])
+    control = compose.put_head(compose.apply_vector(base, compose.add(minus, vectors[1])).eval(), heads[1])
+    names = identity["tasks"]
+    return {names[0]: score(target, tasks[0]), names[1]: score(control, tasks[1])}
+
+
+def _finished_delta(plan: Plan, task: str, protocol: str) -> Path:
+    """The delta file of the finished run this merge needs, or an error that says how to get it."""
+    from vpeft.results import read_record
+
+    path = plan.record_path
+    dataset = f"folder dataset.root={task[7:]}" if task.startswith("folder:") else task
+    how = f"train it first: python run.py method={plan.identity['method']} protocol={protocol} dataset={dataset} ..."
+    try:
+        record = read_record(path)
+    except (OSError, ValueError):
+        raise DataError(f"no finished {protocol} run of {task} for this config at {path}: {how}") from None
+    if record["status"] != "ok" or not record.get("delta_file"):
+        raise DataError(f"the {protocol} run of {task} at {path} is {record['status']} or has no delta file: {how}")
+    delta = path.with_name(record["delta_file"])
+    if not delta.is_file():
+        raise DataError(f"the delta file {delta} of {path} is missing: {how} with skip_finished=false")
+    return delta
+
+
+def _data_args(resolved: dict[str, Any]) -> dict[str, Any]:
+    import os
+
+    ds = dict(resolved["dataset"])
+    ds.pop("id", None)
+    return {
+        "name": ds.pop("name"),
+        "root": ds.pop("root", None),
+        "vtab_root": resolved["paths"]["vtab_root"],
+        "download_root": resolved["paths"]["data_root"],
+        "cache_dir": os.path.join(resolved["paths"]["cache"], "data"),
+        **ds,
+    }
