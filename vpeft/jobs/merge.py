@@ -188,16 +188,9 @@ class MergeJob(Job):
             split = data[t, protocol]
             return evaluate(model, split.images, split.labels, bb.mean, bb.std, device, batch, amp)[0]
 
-        def individual(i: int, protocol: str) -> float:
-            """The task's own delta, evaluated here as the merged models are."""
-            from vpeft.core import load_delta
-
-            model = copy.deepcopy(base)
-            model.reset_classifier(next(v.shape[0] for v in heads[protocol][i].values() if v.ndim == 2))
-            return top1(load_delta(model, deltas[tasks[i]][protocol]).to(device).eval(), tasks[i], protocol)
-
+        # each task's own delta alone: its run's top-1 (the same evaluation of the same split as the merges')
+        own = {p: {t: float(_run_record(runs[t][p])["metrics"]["top1"]) for t in tasks} for p in ("tune", "final")}
         start = time.perf_counter()
-        own = {p: {t: individual(i, p) for i, t in enumerate(tasks)} for p in ("tune", "final")}
         grid_points = [dict(zip(x["grid"], values)) for values in itertools.product(*x["grid"].values())] or [{}]
         negation = plan.identity["algorithm"] == "negation"
         names = plan.identity["tasks"]
@@ -283,6 +276,12 @@ def _negation_scores(compose, base, vectors, heads, tasks, params, identity, sco
     control = compose.put_head(compose.apply_vector(base, compose.add(minus, vectors[1])).eval(), heads[1])
     names = identity["tasks"]
     return {names[0]: score(target, tasks[0]), names[1]: score(control, tasks[1])}
+
+
+def _run_record(plan: Plan) -> dict[str, Any]:
+    from vpeft.results import read_record
+
+    return read_record(plan.record_path)
 
 
 def _finished_delta(plan: Plan, task: str, protocol: str) -> Path:
