@@ -392,3 +392,18 @@ def test_ia3_merge_changes_only_k_v_rows_and_fc2_columns():
         torch.testing.assert_close(block.mlp.fc2.weight, fc2 * lff[None, :])
         assert not torch.equal(block.mlp.fc2.weight, fc2)
         assert type(block.mlp.act) is torch.nn.GELU and not block.mlp.act._modules
+
+
+def test_lora_pairs_each_segments_a_with_its_own_b():
+    """With q, k and v adapted, the update of q's rows is B_q @ A_q (its own named factors), and so on."""
+    model = vpeft.apply_method(make_vit(), "lora", targets=["q", "k", "v"], r=2)
+    lora = model.blocks[0].attn.qkv.lora
+    d = model.embed_dim
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for s in ("q", "k", "v"):
+            lora.A[s].copy_(torch.randn(lora.A[s].shape, generator=g))
+            lora.B[s].copy_(torch.randn(lora.B[s].shape, generator=g))
+    expected = torch.cat([lora.B[s] @ lora.A[s] for s in ("q", "k", "v")]) * lora.scaling
+    torch.testing.assert_close(lora.delta_weight(), expected)
+    assert expected.shape == (3 * d, d)

@@ -44,7 +44,8 @@ class LoRA(OutputDelta):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
 
     def _a(self) -> torch.Tensor:
-        return torch.cat(list(self.A.values())) if len(self.A) > 1 else next(iter(self.A.values()))
+        """A of every segment stacked in segment order (ParameterDict sorts its keys: q, k, v would be k, q, v)."""
+        return torch.cat([self.A[s] for s in self.segments]) if len(self.A) > 1 else next(iter(self.A.values()))
 
     def _b(self) -> torch.Tensor:
         """B of every segment placed at its output rows, block-diagonal over the ranks, times scaling."""
