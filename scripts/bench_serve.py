@@ -16,7 +16,7 @@ Sections (every variant timed in this process, on the same device, inputs and dt
   memory  LoRA deltas resident (--resident, 1 to 1,000): memory added against the deltas' own size, and
           the peak of a forward pass with min(N, batch) distinct tasks.
 
-The targets of the issue (GPU, bf16, ViT-B/16, batch 256, T=64) are printed beside the measured numbers;
+The targets (GPU, bf16, ViT-B/16, batch 256, T=64) are printed beside the measured numbers;
 on other devices and sizes the same ratios are reported for what ran. Writes
 results/benchmarks/serve_<device>.json (every number, the arguments, the environment) and .md.
 Timing: vpeft.bench.latency's protocol (warm-up calls, then each call timed alone with the device

@@ -24,6 +24,7 @@ time cap inside one overall budget, in this order:
   profile         a torch.profiler summary of the slowest PEFT method's training step
   sweep           final runs per GPU-hour through the launcher, 1 and 4 runs sharing the GPU
   pytest_gpu_slow the slow GPU tests (bench_train.py end to end on a tiny model)
+  serve           scripts/bench_serve.py: mixed-task batches (T up to 64), swaps, 1,000 resident deltas
 
 A step that runs out of time is killed with everything it started and recorded as such; the steps
 after it still run while the budget lasts. After every step the whole result is written again
@@ -383,6 +384,23 @@ def step_sweep(ctx: Ctx, cap: float) -> dict[str, Any]:
     return out
 
 
+def step_serve(ctx: Ctx, cap: float) -> dict[str, Any]:
+    out = ctx.work / "serve"
+    cmd = [python(ctx), "scripts/bench_serve.py", "--out", str(out)]
+    cmd += ["--quick"] if ctx.dry else ["--batches", "256", "--tasks", "1", "8", "64", "--iters", "10", "--warmup", "3",
+                                        "--max-copies", "8", "--swap-repeats", "10"]  # fmt: skip
+    rc, text, seconds = sh(ctx, cmd, cap, "serve")
+    files = sorted(out.glob("serve_*.json"))
+    res: dict[str, Any] = {"seconds": seconds, "returncode": rc}
+    if files:
+        res["result"] = json.loads(files[0].read_text())
+        res["markdown"] = files[0].with_suffix(".md").read_text()
+    res["status"] = "timeout" if rc is None else "ok" if rc == 0 and files else "failed"
+    if res["status"] == "failed":
+        res["tail"] = text[-3000:]
+    return res
+
+
 # (name, cap in seconds on the GPU, function); the order is the priority
 STEPS = [
     ("pytest_gpu", 150, lambda ctx, cap: step_pytest(ctx, cap, "gpu and not slow")),
@@ -396,13 +414,14 @@ STEPS = [
     ("profile", 60, step_profile),
     ("sweep", 180, step_sweep),
     ("pytest_gpu_slow", 150, lambda ctx, cap: step_pytest(ctx, cap, "gpu and slow")),
+    ("serve", 240, step_serve),
 ]
 STEP_NAMES = [name for name, _, _ in STEPS]
 
 
 # -- targets and the summary -------------------------------------------------------------------------
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of the GPU issue with its measured number; None where the step did not produce it."""
+    """Each speed and accuracy target with its measured number; None where the step did not produce it."""
     st = result["steps"]
 
     def sec(step: str, name: str) -> Any:

@@ -41,7 +41,7 @@ def test_dry_run_packs_and_runs_every_step(real_cifar10, tmp_path):
     steps = result["steps"]
     assert list(steps) == [
         "pytest_gpu", "launcher", "accuracy", "step_eager", "final", "step_compiled", "peft", "latency", "profile",
-        "sweep", "pytest_gpu_slow",
+        "sweep", "pytest_gpu_slow", "serve",
     ]  # fmt: skip
     # no GPU: the GPU tests are all skipped, and the check says so rather than calling them passed
     for name in ("pytest_gpu", "pytest_gpu_slow"):
