@@ -140,7 +140,7 @@ def bench_train_script():
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--method", "lora2"], "unknown method 'lora2'; valid methods: adapter_houlsby"),
+        (["--method", "lora2"], "unknown method 'lora2'; valid methods: adapter_fusion, adapter_houlsby"),
         (["--methods", "lora", "vpt"], "unknown method 'vpt'; valid methods:"),
         (["--backbone", "vit_b16"], "unknown backbone config 'vit_b16'; valid (conf/backbone/): dinov2_s14_offline"),
         (["--data", "/nonexistent/task"], "--data /nonexistent/task lacks train800val200.txt, test.txt"),
