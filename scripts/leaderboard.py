@@ -2,8 +2,10 @@
 
     python scripts/leaderboard.py results/runs --out results/leaderboard [--bench results/bench]
 
-The outputs are a pure function of the records: the same records give byte-identical files.
-With --bench, also methods.md / methods.csv: every benchmarked method's costs side by side.
+The outputs are a pure function of the records and the folders named: the same records give
+byte-identical files. With --bench, bench records supply latency where the runs have none and the
+backbone, method config, input size, device and dtype all match, and methods.md / methods.csv put
+every benchmarked method's costs side by side. In a notebook: ``vpeft.results.load_records(folder)``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """vpeft.bench against independent truth: closed-form FLOPs, files on disk, forward-call counts."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -26,6 +27,7 @@ from vpeft.bench import (
     validate_bench_record,
     write_bench_record,
 )
+from vpeft.bench.training import measure_training_isolated
 from vpeft.env import environment
 from vpeft.errors import ConfigError, UnknownNameError
 
@@ -220,6 +222,31 @@ def test_training_measurement_leaves_the_model_unchanged():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
+def test_per_method_memory_is_measured_in_a_process_of_its_own():
+    """Full fine-tuning keeps a gradient and two AdamW moments for every weight, linear probing for the head
+    only: each measured in a fresh process, full's peak exceeds linear's by more than two copies of the weights
+    (in one process the later method would report the earlier one's peak). The benchmark does so on a CPU."""
+    kw = dict(img_size=64, patch_size=16, embed_dim=384, depth=6, num_heads=6, num_classes=10)
+    weights_mb = sum(p.numel() for p in VisionTransformer(**kw).parameters()) * 4 / 2**20  # ~41 MB
+    reports = {}
+    for method in ("linear", "full"):
+        torch.manual_seed(0)
+        model = vpeft.apply_method(VisionTransformer(**kw), method)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        reports[method] = measure_training_isolated(model, batch_size=4, steps=1, warmup=1)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the caller's model untouched
+    linear, full = reports["linear"], reports["full"]
+    assert linear.peak_mem_kind == full.peak_mem_kind == "cpu_peak_rss_isolated"
+    assert full.peak_mem_mb - linear.peak_mem_mb > 2 * weights_mb, (full.peak_mem_mb, linear.peak_mem_mb)
+    assert linear.peak_mem_mb > linear.base_mem_mb + 0.9 * weights_mb  # the process held the model
+    assert full.trainable > 100 * linear.trainable and full.images_per_s > 0
+
+    model = vpeft.apply_method(make_vit(), "lora", r=4)
+    cfg = BenchConfig(latency=False, flops=False, train_steps=1, train_warmup=0, train_batch=2)
+    assert benchmark(model, make_vit(), None, "cpu", cfg).training.peak_mem_kind == "cpu_peak_rss_isolated"
+
+
 def test_training_needs_something_to_train():
     model = make_vit().requires_grad_(False)
     with pytest.raises(ConfigError, match="no trainable parameters"):
@@ -235,6 +262,9 @@ def test_bench_config():
     gpu = BenchConfig().resolved("cuda")
     assert (gpu.batches, gpu.dtypes, gpu.warmup, gpu.iters) == ((1, 64), ("fp32", "bf16"), 50, 100)
     assert gpu.train_dtype == "bf16"
+    assert cpu.train_isolate and not gpu.train_isolate  # per-method memory: a fresh process on a CPU
+    with pytest.raises(ConfigError, match="train_isolate"):
+        BenchConfig(train_isolate="yes")
     assert BenchConfig(iters=7).resolved("cuda").iters == 7
     cfg = BenchConfig.from_dict({"only": False, "latency": False, "batches": [1, 8]})
     assert cfg.batches == (1, 8) and not cfg.latency
@@ -261,7 +291,7 @@ def test_cost_summary_for_a_run_record():
 def test_bench_record_round_trip(tmp_path):
     model = vpeft.apply_method(make_vit(), "lora", r=4)
     cfg = BenchConfig(batches=(1, 2), warmup=1, iters=2, train_steps=1, train_warmup=0, train_batch=2)
-    report = benchmark(model, make_vit(), None, "cpu", cfg)
+    report = benchmark(model, make_vit(), None, "cpu", dataclasses.replace(cfg, train_isolate=False))
     assert report.training is not None and report.latency is not None
     assert report.backbone_params == vpeft.count_parameters(make_vit()).total
     assert to_record_cost(report)["latency_overhead"] == report.latency.headline()

@@ -14,7 +14,7 @@ from vpeft.bench._common import as_device, check_dtype, device_name, method_info
 from vpeft.bench.flops import FlopReport, measure_flops
 from vpeft.bench.latency import LatencyReport, default_dtypes, default_iterations, measure_latency
 from vpeft.bench.params import ParamReport, measure_params
-from vpeft.bench.training import TrainReport, measure_training
+from vpeft.bench.training import TrainReport, measure_training, measure_training_isolated
 from vpeft.core import count_parameters
 from vpeft.errors import ConfigError, UnknownNameError
 
@@ -39,10 +39,15 @@ class BenchConfig:
     train_warmup: int | None = None  # 5 on CUDA, 1 on CPU
     train_batch: int | None = None  # 64 on CUDA, 8 on CPU
     train_dtype: str | None = None  # bf16 on CUDA, fp32 on CPU
+    # CPU: train in a fresh process so peak memory is the method's own (a process's peak RSS only grows);
+    # on CUDA the allocator's peak is reset per measurement instead. None: true on CPU, false on CUDA
+    train_isolate: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.latency, bool) or not isinstance(self.flops, bool):
             raise ConfigError("bench.latency and bench.flops must be true or false")
+        if self.train_isolate is not None and not isinstance(self.train_isolate, bool):
+            raise ConfigError("bench.train_isolate must be true, false or null")
         if self.batches is not None:
             object.__setattr__(self, "batches", tuple(positive_int(b, "bench.batches[]") for b in self.batches))
         if self.dtypes is not None:
@@ -83,6 +88,7 @@ class BenchConfig:
             "train_warmup": 5 if cuda else 1,
             "train_batch": 64 if cuda else 8,
             "train_dtype": "bf16" if cuda else "fp32",
+            "train_isolate": not cuda,
         }
         return dataclasses.replace(self, **{k: v for k, v in pick.items() if getattr(self, k) is None})
 
@@ -156,10 +162,19 @@ def benchmark(
         latency = measure_latency(model, size, cfg.batches, cfg.dtypes, cfg.warmup, cfg.iters, device, baseline=bare)
     training = None
     if cfg.train_steps:
-        log.info("bench: %d training steps at batch %d (%s)", cfg.train_steps, cfg.train_batch, cfg.train_dtype)
-        training = measure_training(
-            model, size, cfg.train_batch, cfg.train_steps, cfg.train_warmup, device, cfg.train_dtype
-        )
+        isolate = cfg.train_isolate and device.type == "cpu"
+        log.info(
+            "bench: %d training steps at batch %d (%s)%s", cfg.train_steps, cfg.train_batch, cfg.train_dtype,
+            " in a fresh process (its own peak memory)" if isolate else "",
+        )  # fmt: skip
+        if isolate:
+            training = measure_training_isolated(
+                model, size, cfg.train_batch, cfg.train_steps, cfg.train_warmup, cfg.train_dtype
+            )
+        else:
+            training = measure_training(
+                model, size, cfg.train_batch, cfg.train_steps, cfg.train_warmup, device, cfg.train_dtype
+            )
     return BenchReport(
         method=method,
         method_config=method_config,

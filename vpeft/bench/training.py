@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,9 +27,9 @@ from vpeft.bench._common import (
     versions,
 )
 from vpeft.core import applied_method, trainable_parameters
-from vpeft.errors import ConfigError
+from vpeft.errors import ConfigError, VpeftError
 
-PEAK_MEM_KINDS = ("cuda_max_allocated", "cpu_peak_rss")
+PEAK_MEM_KINDS = ("cuda_max_allocated", "cpu_peak_rss", "cpu_peak_rss_isolated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +39,10 @@ class TrainReport:
     ``peak_mem_kind`` says what the memory number is: ``cuda_max_allocated`` (tensors the caching
     allocator handed out since the reset: weights, activations, gradients, optimizer state) or
     ``cpu_peak_rss`` (the process's peak resident set since it started: an upper bound that also
-    holds everything the process did before).
+    holds everything the process did before) or ``cpu_peak_rss_isolated`` (the peak resident set of
+    a fresh process that loaded only this model and ran only this measurement, see
+    ``measure_training_isolated``; ``base_mem_mb`` is that process's resident set before the model
+    arrived: Python, torch and vpeft).
     """
 
     images_per_s: float
@@ -55,6 +60,7 @@ class TrainReport:
     torch: str
     timm: str
     compiled: bool = False
+    base_mem_mb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -175,3 +181,84 @@ def measure_training(
         compiled=compile,
         **versions(),
     )
+
+
+def _rss_mb() -> float:
+    """The resident set now (Linux: /proc; elsewhere the peak so far, an upper bound)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 2**10
+    except (OSError, ValueError, IndexError):
+        pass
+    return _peak_mb(torch.device("cpu"))[0]
+
+
+def _child_main(argv: Sequence[str]) -> None:
+    """In the fresh process: load the model, measure, write the report as JSON (argv: model, out, threads, kwargs)."""
+    import json
+
+    model_path, out_path, threads, kwargs = argv[0], argv[1], int(argv[2]), json.loads(argv[3])
+    torch.set_num_threads(threads)
+    import vpeft  # noqa: F401  (the method classes the saved model refers to)
+
+    base = _rss_mb()
+    model = torch.load(model_path, weights_only=False, mmap=True)  # no transient second copy of the weights
+    os.unlink(model_path)  # the parent's copy on disk is no longer needed
+    report = measure_training(model, device="cpu", **kwargs)
+    report = dataclasses.replace(report, peak_mem_kind="cpu_peak_rss_isolated", base_mem_mb=base)
+    with open(out_path, "w") as f:
+        json.dump(report.to_dict(), f)
+
+
+def measure_training_isolated(
+    model: nn.Module,
+    input_size: Sequence[int] | int | None = None,
+    batch_size: int | None = None,
+    steps: int | None = None,
+    warmup: int | None = None,
+    dtype: str | None = None,
+    lr: float = 1e-3,
+    seed: int = 0,
+    compile: bool = False,
+    input_grad: bool = False,
+) -> TrainReport:
+    """``measure_training`` on the CPU in a fresh process, so its peak memory is this method's alone.
+
+    A process's peak resident set only grows: measured in-process, a sweep reports its largest method
+    for every method after it. Here the model goes through a file (a pipe would hold a second copy of
+    the weights) to a new Python process (``sys.executable``, so nothing of the caller's main script is
+    re-run) with as many threads as this one; its ``ru_maxrss`` is the peak of importing torch, loading
+    the model and training it, nothing else. The caller's model is not touched. It costs a few seconds
+    more than in-process (the new process imports torch).
+    """
+    import json
+    import subprocess
+
+    import vpeft
+
+    require_real(model, "measure_training_isolated")
+    size = list(resolve_input_size(model, input_size))
+    kwargs = dict(input_size=size, batch_size=batch_size, steps=steps, warmup=warmup, dtype=dtype, lr=lr)
+    kwargs.update(seed=seed, compile=compile, input_grad=input_grad)
+    with tempfile.TemporaryDirectory(prefix="vpeft-train-") as tmp:
+        model_path, out_path = os.path.join(tmp, "model.pt"), os.path.join(tmp, "report.json")
+        torch.save(model, model_path)
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(vpeft.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        code = "import sys; from vpeft.bench.training import _child_main; _child_main(sys.argv[1:])"
+        argv = [model_path, out_path, str(torch.get_num_threads()), json.dumps(kwargs)]
+        done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True)
+        if done.returncode != 0 or not os.path.exists(out_path):
+            why = "killed (out of memory?)" if done.returncode < 0 else f"exit status {done.returncode}"
+            tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+            raise VpeftError(
+                f"the training measurement's own process failed: {why}; bench.train_isolate=false measures "
+                f"in-process, a smaller bench.train_batch needs less memory\n{tail}"
+            )
+        with open(out_path) as f:
+            d = json.load(f)
+    d["input_size"] = tuple(d["input_size"])
+    return TrainReport(**d)

@@ -1,5 +1,6 @@
-"""Run records, their store, and the leaderboard built from them."""
+"""Run records, their store, the records as pandas DataFrames, and the leaderboard built from them."""
 
+from vpeft.results.frame import latency_frame, load_bench_records, load_records
 from vpeft.results.record import SCHEMA_VERSION, RecordError, config_hash, record_path, validate
 from vpeft.results.store import (
     iter_records,
@@ -14,6 +15,9 @@ __all__ = [
     "RecordError",
     "config_hash",
     "iter_records",
+    "latency_frame",
+    "load_bench_records",
+    "load_records",
     "read_record",
     "record_path",
     "validate",

@@ -1,4 +1,4 @@
-"""The leaderboard as data: a pure function of run records (and bench records), no files, no plots.
+"""The leaderboard as data: pandas frames computed from the records' frame (``vpeft.results.load_records``).
 
 Definitions, as the rendered pages state them:
 
@@ -6,7 +6,7 @@ Definitions, as the rendered pages state them:
   method-config fields that differ between runs on the same dataset (e.g. ``r=16``); fields that
   only differ between datasets (VPT's per-task prompt lengths) do not split a row.
 - Only ``protocol=final`` runs with ``status=ok`` rank. ``tune`` runs are ignored; failed and
-  interrupted runs are listed apart and never averaged.
+  interrupted runs are listed apart and never averaged. A rerun of one seed replaces it (the latest wins).
 - A cell is the mean of top-1 (last epoch) over seeds, with the sample standard deviation
   (ddof=1; none for one seed) and the number of seeds n.
 - VTAB-1k: a group mean is the mean of the group's task means; "mean of 19 tasks" is the plain
@@ -14,30 +14,31 @@ Definitions, as the rendered pages state them:
   is shown only when every task it needs is there; otherwise the table says what is missing.
 - PPT (performance-parameter trade-off, Zhao et al., "SCT", 2023):
   ``PPT = acc * exp(-log10(P / C + 1))`` with acc the VTAB-1k mean of 19 tasks (%), P the trainable
-  parameters excluding the head and C = 10^7: a method with no parameters keeps its accuracy,
-  one with C parameters keeps exp(-log10 2) = 74% of it.
-- A dataset is named by its task, or for a task folder (``dataset=folder``/``imagefolder``) by the folder's
-  own name; when one such name stands for several folders, each is labelled by the end of its parent path
-  (``cifar10 (a)``, ``cifar10 (b)``) and they never share a cell.
+  parameters excluding the head and C = 10^7.
+- Costs like for like: a latency joins a row only when it was measured on the row's backbone, method
+  config, input size, device and dtype: the runs' own latency, else a bench record with all five equal.
+  Otherwise the row says so and gives the command that measures it. Training images/s and peak memory
+  come from the runs themselves.
+- Noise: a latency ratio is noisy when p90/median of the method's or the bare backbone's timings exceeds
+  ``NOISE_SPREAD`` (1.5); it is within the noise when |ratio - 1| <= spread - 1 (see ``latency_frame``).
 - The Pareto front (maximise accuracy, minimise cost): the points no other point beats on one axis
   without losing on the other; equal points are all on the front.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import io
 import json
-import math
-import os
-import statistics
-from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from importlib.resources import files
-from pathlib import PurePath
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
+
+from vpeft.results.frame import NOISE_SPREAD, bench_frame, latency_frame, noise_flags, records_frame
 from vpeft.vtab import GROUPS, TASKS
 
 PPT_C = 1e7
@@ -45,63 +46,20 @@ REFERENCE_FILE = "vtab1k_vitb16_in21k_published.csv"
 REFERENCE_LABEL = "published (not measured here)"
 REFERENCE_BACKBONE = "ViT-B/16, ImageNet-21k"
 GROUP_NAMES = tuple(GROUPS)
+KEY = ["backbone", "method", "variant"]
+PER_METHOD_MEMORY = ("cuda_max_allocated", "cpu_peak_rss_isolated")
+__all__ = ["NOISE_SPREAD", "Leaderboard", "build_leaderboard", "load_reference", "methods_table"]
 
 
 # -- pure building blocks --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    """Top-1 over seeds: mean, sample std (None for n=1), n, and whether the runs' settings differ."""
-
-    mean: float
-    std: float | None
-    n: int
-    values: tuple[float, ...]
-    mixed: bool = False
-
-
-def aggregate(values: Sequence[float], mixed: bool = False) -> Cell:
-    if not values:
-        raise ValueError("aggregate needs at least one value")
-    vals = tuple(float(v) for v in values)
-    std = statistics.stdev(vals) if len(vals) > 1 else None
-    return Cell(mean=statistics.fmean(vals), std=std, n=len(vals), values=vals, mixed=mixed)
-
-
-@dataclasses.dataclass(frozen=True)
-class VtabSummary:
-    """The VTAB-1k aggregates of per-task means, each None unless all its tasks are present."""
-
-    groups: dict[str, float | None]
-    group_missing: dict[str, tuple[str, ...]]
-    mean19: float | None
-    mean_of_groups: float | None
-    missing: tuple[str, ...]
-    present: int
-
-
-def vtab_summary(task_means: dict[str, float]) -> VtabSummary:
-    groups: dict[str, float | None] = {}
-    group_missing: dict[str, tuple[str, ...]] = {}
-    for g, tasks in GROUPS.items():
-        missing = tuple(t for t in tasks if t not in task_means)
-        group_missing[g] = missing
-        groups[g] = None if missing else statistics.fmean(task_means[t] for t in tasks)
-    missing = tuple(t for t in TASKS if t not in task_means)
-    mean19 = None if missing else statistics.fmean(task_means[t] for t in TASKS)
-    complete = [v for v in groups.values() if v is not None]
-    mean_groups = statistics.fmean(complete) if len(complete) == len(GROUPS) else None
-    return VtabSummary(groups, group_missing, mean19, mean_groups, missing, len(TASKS) - len(missing))
-
-
-def ppt_score(accuracy: float | None, params: float | None, c: float = PPT_C) -> float | None:
-    """SCT's performance-parameter trade-off: ``accuracy * exp(-log10(params / c + 1))``."""
-    if accuracy is None or params is None:
-        return None
-    if params < 0:
+def ppt_score(accuracy: Any, params: Any, c: float = PPT_C) -> Any:
+    """SCT's performance-parameter trade-off, elementwise: ``accuracy * exp(-log10(params / c + 1))``."""
+    p = np.asarray(params, dtype=float)
+    if np.any(p < 0):
         raise ValueError(f"params must be >= 0, got {params}")
-    return accuracy * math.exp(-math.log10(params / c + 1))
+    return accuracy * np.exp(-np.log10(p / c + 1))
 
 
 def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[bool]:
@@ -122,388 +80,328 @@ def pareto_front(points: Sequence[tuple[float | None, float | None]]) -> list[bo
     return flags
 
 
-# -- rows from records -----------------------------------------------------------------------------
+def vtab_means(task_means: pd.DataFrame) -> pd.DataFrame:
+    """Per row of per-task means: the three group means, the mean of 19 tasks and the mean of group means
+    (NaN unless every task they need is there), the number of tasks present and the missing ones."""
+    wide = task_means.reindex(columns=list(TASKS)).astype(float)
+    out = pd.DataFrame({g: wide[list(ts)].mean(axis=1, skipna=False) for g, ts in GROUPS.items()}, index=wide.index)
+    out["mean19"] = wide.mean(axis=1, skipna=False)
+    out["mean_of_groups"] = out[list(GROUP_NAMES)].mean(axis=1, skipna=False)
+    out["vtab_tasks"] = wide.notna().sum(axis=1)
+    missing = wide.isna()
+    out["vtab_missing"] = [tuple(t for t in TASKS if missing.at[i, t]) for i in wide.index]
+    for g, ts in GROUPS.items():
+        out[f"{g}_tasks"] = wide[list(ts)].notna().sum(axis=1)
+    return out
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    backbone: str
-    method: str
-    variant: str
-    cells: dict[str, Cell]
-    params_m: float | None  # trainable excluding the head, mean over the row's runs, millions
-    params_range_m: tuple[float, float] | None
-    latency_overhead: float | None
-    latency_variant: str | None  # merged | unmerged: merged where the method allows it
-    latency_at: str | None  # dtype, batch and device the overhead is for
-    latency_source: str | None  # "run" records or a "bench" record
-    train_images_per_s: float | None
-    peak_mem_mb: float | None
-    peak_mem_kind: str | None
-    devices: tuple[str, ...]
-    vtab: VtabSummary
-    ppt: float | None
-
-    @property
-    def label(self) -> str:
-        return f"{self.method} ({self.variant})" if self.variant else self.method
-
-    @property
-    def vtab_tasks(self) -> list[str]:
-        return [t for t in TASKS if t in self.cells]
-
-    @property
-    def other_datasets(self) -> list[str]:
-        return sorted(d for d in self.cells if d not in TASKS)
-
-
-@dataclasses.dataclass(frozen=True)
-class Failure:
-    backbone: str
-    method: str
-    dataset: str
-    protocol: str
-    seed: int
-    status: str
-    error: str
+# -- the leaderboard -------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Leaderboard:
-    rows: tuple[Row, ...]
-    failures: tuple[Failure, ...]
+    """``cells``: one row per (backbone, method, variant, dataset) with mean, std, n, values, mixed.
+    ``rows``: one row per (backbone, method, variant): label, VTAB-1k means, parameters, costs, PPT and
+    provenance (recipe, commits, dates, devices, the records). ``failures``: runs that did not finish."""
+
+    cells: pd.DataFrame
+    rows: pd.DataFrame
+    failures: pd.DataFrame
     tune_ignored: int
+    n_records: int
     warnings: tuple[str, ...]
 
     @property
     def backbones(self) -> list[str]:
-        return sorted({r.backbone for r in self.rows} | {f.backbone for f in self.failures})
+        return sorted(set(self.rows["backbone"]) | set(self.failures["backbone"]))
 
-    def vtab_rows(self, backbone: str) -> list[Row]:
+    def task_means(self) -> pd.DataFrame:
+        """Rows x datasets of mean top-1 (NaN where a row has no run)."""
+        return self.cells.pivot(index=KEY, columns="dataset", values="mean")
+
+    def cell(self, row: pd.Series | dict, dataset: str) -> pd.Series | None:
+        c = self.cells
+        hit = c[(c["backbone"] == row["backbone"]) & (c["method"] == row["method"])]
+        hit = hit[(hit["variant"] == row["variant"]) & (hit["dataset"] == dataset)]
+        return None if hit.empty else hit.iloc[0]
+
+    def vtab_rows(self, backbone: str) -> pd.DataFrame:
         """Rows with any VTAB-1k task: complete ones by mean of 19 tasks (best first), then the rest."""
-        rows = [r for r in self.rows if r.backbone == backbone and r.vtab.present]
-        return sorted(
-            rows,
-            key=lambda r: (r.vtab.mean19 is None, -(r.vtab.mean19 or 0.0), -r.vtab.present, r.label),
-        )
-
-    def other_rows(self, backbone: str) -> list[Row]:
-        return sorted((r for r in self.rows if r.backbone == backbone and r.other_datasets), key=lambda r: r.label)
+        r = self.rows[(self.rows["backbone"] == backbone) & (self.rows["vtab_tasks"] > 0)]
+        return r.assign(_c=r["mean19"].isna(), _m=-r["mean19"].fillna(0), _t=-r["vtab_tasks"]).sort_values(
+            ["_c", "_m", "_t", "label"]
+        )[r.columns]
 
     def other_datasets(self, backbone: str) -> list[str]:
-        return sorted({d for r in self.other_rows(backbone) for d in r.other_datasets})
+        c = self.cells
+        return sorted(set(c.loc[(c["backbone"] == backbone) & ~c["dataset"].isin(TASKS), "dataset"]))
+
+    def other_datasets_all(self) -> list[str]:
+        return sorted(set(self.cells["dataset"]) - set(TASKS))
+
+    def other_rows(self, backbone: str) -> pd.DataFrame:
+        c = self.cells
+        keys = c.loc[(c["backbone"] == backbone) & ~c["dataset"].isin(TASKS), KEY].drop_duplicates()
+        return self.rows.merge(keys, on=KEY).sort_values("label")
 
 
-def _value_text(value: Any) -> str:
-    if isinstance(value, list):
-        return "+".join(_value_text(v) for v in value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
+def _as_frame(records: Any, make) -> pd.DataFrame:
+    if isinstance(records, pd.DataFrame):
+        return records
+    return make(list(records))
 
 
-def _variants(records: list[dict[str, Any]]) -> list[str]:
-    """The variant label of each record: the method-config fields that differ within one dataset."""
-    configs: dict[tuple[str, str, str], set[str]] = defaultdict(set)
-    for r in records:
-        configs[(r["backbone"], r["method"], r["dataset"])].add(json.dumps(r["method_config"], sort_keys=True))
-    varying: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for (backbone, method, _), blobs in configs.items():
-        if len(blobs) > 1:
-            dicts = [json.loads(b) for b in blobs]
-            keys = set().union(*dicts)
-            varying[(backbone, method)] |= {k for k in keys if len({json.dumps(d.get(k)) for d in dicts}) > 1}
-    out = []
-    for r in records:
-        keys = sorted(varying.get((r["backbone"], r["method"]), ()))
-        out.append(", ".join(f"{k}={_value_text(r['method_config'].get(k))}" for k in keys))
-    return out
+def _uniq(values: Iterable[Any], fmt=str) -> str:
+    """The distinct non-null values, formatted and sorted, joined: what a recipe cell shows."""
+    seen = {fmt(v) for v in values if v is not None and not (isinstance(v, float) and np.isnan(v)) and v is not pd.NA}
+    return ", ".join(sorted(seen))
 
 
-def _settings(record: dict[str, Any]) -> str:
-    """The run's config minus the seed and the keys that never change a result (as the run harness hashes)."""
-    from vpeft.run import NOT_HASHED, NOT_HASHED_TRAINER
-
-    config = {k: v for k, v in record.get("config", {}).items() if k not in NOT_HASHED and k != "seed"}
-    if isinstance(config.get("trainer"), dict):
-        config["trainer"] = {k: v for k, v in config["trainer"].items() if k not in NOT_HASHED_TRAINER}
-    return json.dumps(config, sort_keys=True, default=str)
+def _g(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, (int, float, np.integer, np.floating)) else str(v)
 
 
-def _mean(values: Iterable[float | None]) -> float | None:
-    vals = [float(v) for v in values if v is not None]
-    return statistics.fmean(vals) if vals else None
+def _first_line(error: Any) -> str:
+    return str(error).strip().splitlines()[0][:160] if isinstance(error, str) and error.strip() else ""
 
 
-def _latency_at(at: dict[str, Any] | None, device: str | None) -> tuple[str | None, str | None]:
-    """(variant, "dtype, batch N, device") of a headline overhead."""
-    if not at:
-        return None, None
-    text = f"{at.get('dtype')}, batch {at.get('batch')}"
-    return at.get("variant"), f"{text}, {device}" if device else text
-
-
-def _bench_latency(
-    bench: list[dict[str, Any]], backbone: str, method: str, configs: Counter
-) -> tuple[float | None, str | None, str | None]:
-    """The headline overhead of a bench record for this row's (most common) config, if one exists."""
-    wanted = [json.loads(blob) for blob, _ in sorted(configs.items(), key=lambda kv: (-kv[1], kv[0]))]
-    for config in wanted:
-        for b in bench:
-            if (b["backbone"], b["method"]) == (backbone, method) and b["method_config"] == config:
-                lat = b.get("latency")
-                if b.get("latency_overhead") is None or not lat:
-                    continue
-                at = {"variant": lat["headline_variant"], "dtype": lat["dtypes"][0], "batch": lat["batches"][0]}
-                return float(b["latency_overhead"]), *_latency_at(at, b["env"].get("device_name"))
-    return None, None, None
-
-
-FOLDER_DATASETS = ("folder", "imagefolder")
-
-
-def _folder_root(record: dict[str, Any]) -> str | None:
-    """The folder a record's dataset name was taken from, when the name is only that folder's own name."""
-    ds = record.get("config", {}).get("dataset")
-    if not isinstance(ds, dict) or ds.get("name") not in FOLDER_DATASETS or ds.get("id") or not ds.get("root"):
-        return None  # a named task (or an explicit id): the name alone identifies the data
-    return os.path.normpath(str(ds["root"]))
-
-
-def _distinguishing_parents(roots: Sequence[str]) -> list[str]:
-    """For distinct folders: the shortest tails of their parent paths that tell them apart."""
-    parents = [PurePath(r).parent.parts for r in roots]
-    for k in range(1, max(len(p) for p in parents) + 1):
-        tails = [p[-k:] for p in parents]
-        if len(set(tails)) == len(tails):
-            return [str(PurePath(*t)) if t else "." for t in tails]
-    return list(roots)  # same parents (names of links, say): the whole path
-
-
-def dataset_labels(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[str]]:
-    """Each record's dataset label and a warning per name that stands for several folders.
-
-    Two task folders with one name (``/a/cifar10`` and ``/b/cifar10``) hold different data: averaging their
-    runs would mix them, so each gets its name plus the distinguishing end of its parent path.
-    """
-    roots = [_folder_root(r) for r in records]
-    keys: dict[str, set[str | None]] = defaultdict(set)
-    for r, root in zip(records, roots):
-        keys[r["dataset"]].add(root)
-    names: dict[tuple[str, str | None], str] = {}
-    notes = []
-    for name, found in sorted(keys.items()):
-        if len(found) == 1:
-            names[(name, next(iter(found)))] = name
-            continue
-        folders = sorted(k for k in found if k is not None)
-        labels = [f"{name} ({p})" for p in _distinguishing_parents(folders)]
-        names.update({(name, root): label for root, label in zip(folders, labels)})
-        if None in found:
-            names[(name, None)] = name
-            labels.insert(0, name)
-        notes.append(
-            f"dataset {name} stands for {len(found)} different sources ({', '.join(folders)}); "
-            f"shown apart as {', '.join(labels)}"
-        )
-    return [names[(r["dataset"], root)] for r, root in zip(records, roots)], notes
-
-
-def build_leaderboard(records: Iterable[dict[str, Any]], bench_records: Iterable[dict[str, Any]] = ()) -> Leaderboard:
-    """Rows, failures and warnings from valid run records; bench records fill missing latency."""
-    records = list(records)
-    bench = sorted(bench_records, key=lambda b: json.dumps(b, sort_keys=True, default=str))
-    labels, warnings = dataset_labels(records)
-    records = [r if r["dataset"] == label else {**r, "dataset": label} for r, label in zip(records, labels)]
-    failures = sorted(
-        (
-            Failure(
-                r["backbone"],
-                r["method"],
-                r["dataset"],
-                r["protocol"],
-                r["seed"],
-                r["status"],
-                (r.get("error") or "").strip().splitlines()[0][:160] if r.get("error") else "",
-            )
-            for r in records
-            if r["status"] != "ok"
-        ),
-        key=lambda f: (f.backbone, f.method, f.dataset, f.protocol, f.seed, f.status, f.error),
+def build_leaderboard(
+    runs: pd.DataFrame | Iterable[dict[str, Any]],
+    bench: pd.DataFrame | Iterable[dict[str, Any]] | None = None,
+    bench_dir: str | Path | None = None,
+) -> Leaderboard:
+    """The leaderboard of a frame of run records (``load_records``); a frame of bench records
+    (``load_bench_records``) supplies latency where the runs have none and the settings match.
+    Lists of record dicts work too. ``bench_dir`` goes into the commands that measure missing costs."""
+    runs = _as_frame(runs, records_frame)
+    bench = _as_frame(bench if bench is not None else [], bench_frame)
+    notes = list(runs.attrs.get("warnings", []))
+    runs = runs.copy()
+    for col in ("config.optim._target_", "overrides", "finished_at", "cost.latency.results"):
+        if col not in runs.columns:
+            runs[col] = None
+    runs["finished_at"] = pd.to_datetime(runs["finished_at"], utc=True)
+    ok = runs["status"] == "ok"
+    failures = runs.loc[~ok, KEY + ["dataset_label", "protocol", "seed", "status", "error", "path"]].copy()
+    failures["error"] = failures["error"].map(_first_line)
+    failures = failures.rename(columns={"dataset_label": "dataset"}).sort_values(
+        ["backbone", "method", "dataset", "protocol", "seed", "status", "error"]
     )
-    tune = sum(1 for r in records if r["status"] == "ok" and r["protocol"] == "tune")
-    ranked = [r for r in records if r["status"] == "ok" and r["protocol"] == "final"]
-    ranked.sort(key=lambda r: json.dumps(r, sort_keys=True, default=str))
-    variants = _variants(ranked)
+    tune = int((ok & (runs["protocol"] == "tune")).sum())
 
-    # (row key, dataset, seed) -> one record: a rerun of the same seed replaces, never doubles, a value
-    chosen: dict[tuple, dict[str, Any]] = {}
-    for r, v in zip(ranked, variants):
-        key = ((r["backbone"], r["method"], v), r["dataset"], r["seed"])
-        if key in chosen:
-            keep = max(chosen[key], r, key=lambda x: (str(x.get("finished_at") or ""), json.dumps(x, sort_keys=True)))
-            warnings.append(
-                f"{r['backbone']} / {r['method']}{' (' + v + ')' if v else ''} / {r['dataset']}: seed {r['seed']} "
-                "has more than one final record; the latest is used"
-            )
-            chosen[key] = keep
-        else:
-            chosen[key] = r
-    by_row: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for (row_key, _, _), r in sorted(chosen.items(), key=lambda kv: json.dumps(kv[0])):
-        by_row[row_key].append(r)
-
-    rows = []
-    for (backbone, method, variant), recs in sorted(by_row.items()):
-        label = f"{backbone} / {method}{' (' + variant + ')' if variant else ''}"
-        cells = {}
-        for dataset in sorted({r["dataset"] for r in recs}):
-            runs = sorted((r for r in recs if r["dataset"] == dataset), key=lambda r: r["seed"])
-            mixed = len({_settings(r) for r in runs}) > 1
-            if mixed:
-                warnings.append(f"{label} / {dataset}: the seeds were run with different settings (marked *)")
-            cells[dataset] = aggregate([r["metrics"]["top1"] for r in runs], mixed=mixed)
-        params = [r["params"]["trainable_excl_head"] / 1e6 for r in recs]
-        cost = [r.get("cost") or {} for r in recs]
-        lat_runs = [(c.get("latency_overhead"), c.get("latency_overhead_at"), r) for c, r in zip(cost, recs)]
-        lat_runs = [x for x in lat_runs if x[0] is not None]
-        if lat_runs:
-            latency = statistics.median(float(x[0]) for x in lat_runs)
-            found = {_latency_at(x[1], x[2]["env"].get("device_name")) for x in lat_runs}
-            ats = sorted({a for _, a in found if a})
-            variants_seen = sorted({v for v, _ in found if v})
-            latency_variant = " + ".join(variants_seen) or None
-            latency_at, source = " | ".join(ats) or None, "run"
-            if len(ats) > 1:
-                warnings.append(f"{label}: latency measured in different settings ({'; '.join(ats)})")
-        else:
-            configs = Counter(json.dumps(r["method_config"], sort_keys=True) for r in recs)
-            latency, latency_variant, latency_at = _bench_latency(bench, backbone, method, configs)
-            source = "bench" if latency is not None else None
-        kinds = sorted({c.get("peak_mem_kind") for c in cost if c.get("peak_mem_mb") is not None})
-        devices = tuple(sorted({r["env"]["device_name"] for r in recs}))
-        if len(devices) > 1:
-            warnings.append(f"{label}: runs on different devices ({', '.join(devices)}); costs are averaged")
-        summary = vtab_summary({t: c.mean for t, c in cells.items() if t in TASKS})
-        params_mean = statistics.fmean(params)
-        rows.append(
-            Row(
-                backbone=backbone,
-                method=method,
-                variant=variant,
-                cells=cells,
-                params_m=params_mean,
-                params_range_m=(min(params), max(params)) if max(params) > min(params) else None,
-                latency_overhead=latency,
-                latency_variant=latency_variant,
-                latency_at=latency_at,
-                latency_source=source,
-                train_images_per_s=_mean(c.get("train_images_per_s") for c in cost),
-                peak_mem_mb=_mean(c.get("peak_mem_mb") for c in cost),
-                peak_mem_kind=" + ".join(k for k in kinds if k) or None,
-                devices=devices,
-                vtab=summary,
-                ppt=ppt_score(summary.mean19, params_mean * 1e6),
-            )
+    ranked = runs[ok & (runs["protocol"] == "final")].sort_values(
+        ["finished_at", "path", "config_hash"], na_position="first"
+    )
+    ident = KEY + ["dataset_label", "seed"]
+    dup = ranked.duplicated(ident, keep="last")
+    for _, r in ranked[dup].drop_duplicates(ident).iterrows():
+        label = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
+        notes.append(
+            f"{r['backbone']} / {label} / {r['dataset_label']}: seed {r['seed']} has more than one final record; "
+            "the latest is used"
         )
-    return Leaderboard(tuple(rows), tuple(failures), tune, tuple(sorted(set(warnings))))
+    ranked = ranked[~dup].assign(dataset=lambda d: d["dataset_label"])
+
+    cells = (
+        ranked.sort_values("seed")
+        .groupby(KEY + ["dataset"], sort=True)
+        .agg(
+            mean=("metrics.top1", "mean"),
+            std=("metrics.top1", "std"),
+            n=("metrics.top1", "size"),
+            values=("metrics.top1", tuple),
+            settings=("settings", "nunique"),
+        )
+        .reset_index()
+    )
+    cells["mixed"] = cells.pop("settings") > 1
+    for _, c in cells[cells["mixed"]].iterrows():
+        label = c["method"] + (f" ({c['variant']})" if c["variant"] else "")
+        notes.append(
+            f"{c['backbone']} / {label} / {c['dataset']}: the seeds were run with different settings (marked *)"
+        )
+
+    rows = _rows(ranked, cells, bench, bench_dir, notes)
+    rows["records_rel"], rows["lat_record_rel"] = rows["records"], rows["lat_record"].fillna("")  # links as found
+    failures = failures.reset_index(drop=True).assign(path_rel=lambda f: f["path"].fillna(""))
+    return Leaderboard(cells, rows, failures, tune, len(runs), tuple(sorted(set(notes))))
+
+
+def _rows(ranked: pd.DataFrame, cells: pd.DataFrame, bench: pd.DataFrame, bench_dir, notes: list[str]) -> pd.DataFrame:
+    """One row per (backbone, method, variant): VTAB means, parameters, costs, PPT, provenance."""
+    if ranked.empty:
+        return pd.DataFrame(columns=[*KEY, "label", "vtab_tasks", "mean19", "records", "lat_record"])
+    wide = cells.pivot(index=KEY, columns="dataset", values="mean")
+    g = ranked.groupby(KEY, sort=True)
+    rows = vtab_means(wide).join(
+        g.agg(
+            params_m=("params.trainable_excl_head", lambda s: s.astype(float).mean() / 1e6),
+            params_min_m=("params.trainable_excl_head", lambda s: s.astype(float).min() / 1e6),
+            params_max_m=("params.trainable_excl_head", lambda s: s.astype(float).max() / 1e6),
+            train_images_per_s=("cost.train_images_per_s", "mean"),
+            peak_mem_mb=("cost.peak_mem_mb", "mean"),
+            peak_mem_kind=("cost.peak_mem_kind", _uniq),
+            img_size=("img_size", _uniq),
+            dtype=("dtype", _uniq),
+            epochs=("config.trainer.epochs", _uniq),
+            batch=("config.trainer.batch_size", _uniq),
+            optimizer=("config.optim._target_", lambda s: _uniq(s, lambda v: str(v).rsplit(".", 1)[-1])),
+            lr=("config.optim.lr", lambda s: _uniq(s, _g)),
+            weight_decay=("config.optim.weight_decay", lambda s: _uniq(s, _g)),
+            devices=("env.device_name", _uniq),
+            commits=("env.git_sha", lambda s: _uniq(s, lambda v: str(v)[:10])),
+            dirty=("env.git_dirty", lambda s: bool(s.fillna(False).any())),
+            first_finished=("finished_at", "min"),
+            last_finished=("finished_at", "max"),
+            n_records=("path", "size"),
+            method_config_key=("method_config_key", lambda s: s.mode().iloc[0]),
+        )
+    )
+    rows = rows.reset_index()
+    rows["label"] = rows["method"] + rows["variant"].map(lambda v: f" ({v})" if v else "")
+    rows["ppt"] = ppt_score(rows["mean19"], rows["params_m"] * 1e6)
+    records = ranked.assign(path=ranked["path"].fillna("")).sort_values(["dataset", "seed"]).groupby(KEY)
+    rows["records"] = [
+        [(f"{r['dataset']} s{r['seed']}", r["path"]) for _, r in records.get_group(tuple(k)).iterrows() if r["path"]]
+        for k in rows[KEY].itertuples(index=False)
+    ]
+    for _, r in rows[rows["devices"].str.contains(", ", regex=False)].iterrows():
+        notes.append(f"{r['backbone']} / {r['label']}: runs on different devices ({r['devices']}); costs are averaged")
+    run_lat, bench_lat = latency_frame(ranked), latency_frame(bench)
+    lat = [_latency(k, ranked, run_lat, bench, bench_lat, bench_dir, notes) for k in rows[KEY].itertuples(index=False)]
+    lat = pd.DataFrame(lat, columns=LATENCY_FIELDS)
+    lat = lat.astype({"lat_ratio": float, "lat_spread": float, "lat_noisy": "boolean", "lat_within_noise": "boolean"})
+    return pd.concat([rows, lat], axis=1)
+
+
+LATENCY_FIELDS = ("lat_ratio", "lat_spread", "lat_noisy", "lat_within_noise", "lat_source", "lat_at", "lat_record",
+                  "lat_missing", "lat_command")  # fmt: skip
+
+
+def _of(frame: pd.DataFrame, key: tuple) -> pd.Series:
+    return (frame["backbone"] == key[0]) & (frame["method"] == key[1]) & (frame["variant"] == key[2])
+
+
+def _latency(key: tuple, ranked, run_lat, bench, bench_lat, bench_dir, notes: list[str]) -> dict[str, Any]:
+    """The like-for-like latency of one row: its runs' own, else the latest bench record with every setting equal
+    (backbone, method config, input size, device, dtype); else why not and the command that measures it."""
+    out: dict[str, Any] = dict.fromkeys(LATENCY_FIELDS)
+    recs = ranked[_of(ranked, key)]
+    settings = recs[["img_size", "env.device", "env.device_name", "dtype"]].astype(object).drop_duplicates()
+    if settings.isna().any(axis=None):
+        return out | {"lat_missing": "input size, device or dtype not recorded"}
+    if len(settings) > 1:
+        label = f"{key[0]} / {key[1]}{f' ({key[2]})' if key[2] else ''}"
+        notes.append(f"{label}: runs at different input sizes, devices or dtypes; no latency is shown")
+        return out | {"lat_missing": "runs differ in input size, device or dtype"}
+    size, device, name, dtype = settings.iloc[0]
+    where = f"{dtype}, {size} px, {name} ({device})"
+    own = run_lat[_of(run_lat, key) & run_lat["headline"] & (run_lat["dtype"] == dtype)]
+    if not own.empty:
+        own = own[own["batch"] == own["batch"].min()]
+        ratio, spread = float(own["ratio"].median()), float(own["spread"].max())
+        noisy, within = noise_flags(ratio, spread)
+        at = f"{own['which'].iloc[0]}, batch {own['batch'].iloc[0]}, {where}; median over {len(own)} runs"
+        return out | {"lat_ratio": ratio, "lat_spread": spread, "lat_noisy": noisy, "lat_within_noise": within,
+                      "lat_source": "run records", "lat_at": at}  # fmt: skip
+    config = recs["method_config_key"].mode().iloc[0]
+    cand = bench_lat[(bench_lat["backbone"] == key[0]) & (bench_lat["method"] == key[1])]
+    same = (cand["method_config_key"] == config) & (cand["img_size"] == size) & (cand["dtype"] == dtype)
+    cand = cand[(same & (cand["device"] == device) & (cand["device_name"] == name) & cand["headline"]).fillna(False)]
+    if not cand.empty:  # the latest record that matches, at its smallest batch
+        created = bench["created_at"].reset_index(drop=True)
+        cand = cand.assign(_t=cand["record"].map(created)).sort_values(["_t", "record"], na_position="first")
+        best = cand[cand["record"] == cand["record"].iloc[-1]]
+        best = best[best["batch"] == best["batch"].min()].iloc[0]
+        return out | {
+            "lat_ratio": float(best["ratio"]),
+            "lat_spread": float(best["spread"]),
+            "lat_noisy": bool(best["noisy"]),
+            "lat_within_noise": bool(best["within_noise"]),
+            "lat_source": "bench record",
+            "lat_at": f"{best['which']}, batch {best['batch']}, {where}",
+            "lat_record": best["path"],
+        }
+    return out | {
+        "lat_missing": f"not measured at {size} px",
+        "lat_command": bench_command(recs.iloc[-1], size, device, bench_dir),
+    }
+
+
+def _hydra_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "null"
+    if isinstance(v, list):
+        return "[" + ",".join(_hydra_value(x) for x in v) + "]"
+    return str(v)
+
+
+def _method_defaults(method: str) -> dict[str, Any]:
+    """The method's config file in the repository's conf/ (empty when vpeft runs from an installed package)."""
+    path = Path(__file__).resolve().parents[2] / "conf" / "method" / f"{method}.yaml"
+    if not path.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    return dict(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+
+
+def bench_command(record: pd.Series, size: Any, device: Any, bench_dir: str | Path | None = None) -> str:
+    """``python run.py method=<m> backbone=<b> backbone.img_size=<s> bench.only=true`` for a run's settings:
+    its backbone overrides, the method-config fields that differ from the method's defaults, its device."""
+    config = json.loads(record["method_config_key"])
+    defaults = _method_defaults(record["method"])
+    parts = ["python run.py", f"method={record['method']}"]
+    parts += [f"method.{k}={_hydra_value(v)}" for k, v in sorted(config.items()) if defaults.get(k, object()) != v]
+    overrides = record["overrides"] if isinstance(record["overrides"], list) else []
+    for o in overrides:
+        name = o.split("=", 1)[0].lstrip("+~")
+        if (name == "backbone" or name.startswith("backbone.")) and name != "backbone.img_size":
+            parts.append(o)
+    parts += [f"backbone.img_size={size}", "bench.only=true"]
+    if device == "cpu":
+        parts.append("device=cpu")
+    if bench_dir is not None:
+        parts.append(f"paths.bench={bench_dir}")
+    return " ".join(parts)
 
 
 # -- the published reference block -----------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class ReferenceRow:
-    method: str
-    tasks: dict[str, float]
-    params_m: float
-    source: str
-    vtab: VtabSummary
-    ppt: float | None
-
-
-def load_reference() -> list[ReferenceRow]:
-    """The published ViT-B/16 (IN-21k) VTAB-1k numbers shipped with vpeft, aggregated as our rows are."""
+def load_reference() -> pd.DataFrame:
+    """The published ViT-B/16 (IN-21k) VTAB-1k numbers shipped with vpeft, one row per method, with
+    the same VTAB means and PPT as our rows (computed by the same code from the per-task numbers)."""
     text = files("vpeft.results").joinpath("reference", REFERENCE_FILE).read_text()
-    rows = []
-    for r in csv.DictReader(io.StringIO(text)):
-        tasks = {t: float(r[t]) for t in TASKS}
-        summary = vtab_summary(tasks)
-        params = float(r["params_M_excl_head"])
-        rows.append(
-            ReferenceRow(r["method"], tasks, params, r["source"], summary, ppt_score(summary.mean19, params * 1e6))
-        )
-    return rows
+    ref = pd.read_csv(io.StringIO(text))
+    ref = ref.join(vtab_means(ref[list(TASKS)]))
+    ref["params_m"] = ref["params_M_excl_head"].astype(float)
+    ref["ppt"] = ppt_score(ref["mean19"], ref["params_m"] * 1e6)
+    return ref
 
 
 # -- the methods table from bench records ----------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodCost:
-    device: str
-    backbone: str
-    method: str
-    variant: str
-    mergeable: bool
-    params_pct: float | None  # trainable excluding head, % of the bare backbone's parameters
-    trainable_excl_head: int
-    delta_bytes: int | None
-    overhead: dict[tuple[str, str, int], float]  # (variant, dtype, batch) -> ratio to bare
-    dtypes: tuple[str, ...]
-    batches: tuple[int, ...]
-    train_images_per_s: float | None
-    peak_mem_mb: float | None
-    peak_mem_kind: str | None
-    train_rel: float | None  # images/s / linear probing's images/s (same backbone, device)
-    mem_rel: float | None  # peak memory / linear probing's (GPU allocator peaks only)
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
-
-
-def methods_table(bench_records: Iterable[dict[str, Any]]) -> list[MethodCost]:
-    """One row per bench record, grouped by (device, backbone), relative costs against linear probing."""
-    bench = sorted(bench_records, key=lambda b: json.dumps(b, sort_keys=True, default=str))
-    variants = _variants([{**b, "dataset": ""} for b in bench])
-    rows = []
-    for b, variant in zip(bench, variants):
-        device = f"{b['env']['device_name']} ({b['env']['device']})"
-        p = b["params"]
-        lat = b.get("latency") or {}
-        overhead = {(o["variant"], o["dtype"], int(o["batch"])): float(o["ratio"]) for o in lat.get("overhead", [])}
-        tr = b.get("training") or {}
-        rows.append(
-            MethodCost(
-                device=device,
-                backbone=b["backbone"],
-                method=b["method"],
-                variant=variant,
-                mergeable=bool(b["mergeable"]),
-                params_pct=100.0 * p["trainable_excl_head"] / p["backbone_total"] if p.get("backbone_total") else None,
-                trainable_excl_head=int(p["trainable_excl_head"]),
-                delta_bytes=p.get("delta_bytes"),
-                overhead=overhead,
-                dtypes=tuple(lat.get("dtypes", ())),
-                batches=tuple(int(x) for x in lat.get("batches", ())),
-                train_images_per_s=tr.get("images_per_s"),
-                peak_mem_mb=tr.get("peak_mem_mb"),
-                peak_mem_kind=tr.get("peak_mem_kind"),
-                train_rel=None,
-                mem_rel=None,
-            )
-        )
-    out = []
-    for r in rows:
-        ref = next((x for x in rows if (x.device, x.backbone, x.method) == (r.device, r.backbone, "linear")), None)
-        gpu = ref is not None and r.peak_mem_kind == ref.peak_mem_kind == "cuda_max_allocated"
-        out.append(
-            dataclasses.replace(
-                r,
-                train_rel=_ratio(r.train_images_per_s, ref.train_images_per_s if ref else None),
-                # a process-lifetime RSS peak says nothing about one method against another
-                mem_rel=_ratio(r.peak_mem_mb, ref.peak_mem_mb) if gpu and ref else None,
-            )
-        )
-    return sorted(out, key=lambda r: (r.device, r.backbone, r.method, r.variant))
+def methods_table(bench: pd.DataFrame | Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """One row per bench record, relative costs against linear probing on the same device, backbone and
+    input size; memory ratios only where both peaks are per method (GPU allocator, or an isolated CPU process)."""
+    b = _as_frame(bench, bench_frame)
+    if b.empty:
+        return b.assign(device_label=pd.Series(dtype="string"))
+    b = b.copy()
+    b["device_label"] = b["env.device_name"] + " (" + b["env.device"] + ")"
+    b["params_pct"] = 100.0 * b["params.trainable_excl_head"].astype(float) / b["params.backbone_total"].astype(float)
+    b["delta_mib"] = b["params.delta_bytes"].astype(float) / 2**20
+    group = ["device_label", "backbone", "img_size"]
+    linear = b[b["method"] == "linear"].drop_duplicates(group, keep="last").set_index(group)
+    cols = ["training.images_per_s", "training.peak_mem_mb", "training.peak_mem_kind"]
+    ref = b[group + cols].merge(linear[cols], left_on=group, right_index=True, how="left", suffixes=("", "_linear"))
+    b["train_rel"] = ref["training.images_per_s"] / ref["training.images_per_s_linear"]
+    same_kind = (ref["training.peak_mem_kind"] == ref["training.peak_mem_kind_linear"]).fillna(False)
+    per_method = ref["training.peak_mem_kind"].isin(PER_METHOD_MEMORY).fillna(False)
+    b["mem_rel"] = (ref["training.peak_mem_mb"] / ref["training.peak_mem_mb_linear"]).where(same_kind & per_method)
+    b["label"] = b["method"] + b["variant"].map(lambda v: f" ({v})" if v else "")
+    return b.sort_values([*group, "method", "variant"]).reset_index(drop=True)

@@ -1,32 +1,35 @@
 """The leaderboard on disk: Markdown, CSV, LaTeX, one self-contained HTML page, and trade-off plots.
 
-Every output is a function of the records alone (no dates, no paths, sorted everywhere), so the same
-records give byte-identical files.
+Tables are pandas frames of display text written by pandas' own writers (``to_csv``, ``to_markdown``,
+``Styler.to_latex``, ``Styler.to_html``); what is written by hand here is what pandas does not do:
+the page around the tables, its column sorting, the plots. Every output is a function of the records
+and the folders named (no clock, sorted everywhere), so the same records give byte-identical files.
 """
 
 from __future__ import annotations
 
 import base64
-import csv
 import dataclasses
 import html
-import io
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+from pandas.io.formats.style import Styler
+
 from vpeft.errors import DataError
+from vpeft.results.frame import NOISE_SPREAD, latency_frame
 from vpeft.results.leaderboard import (
     GROUP_NAMES,
+    KEY,
     PPT_C,
     REFERENCE_BACKBONE,
     REFERENCE_LABEL,
     Leaderboard,
-    MethodCost,
-    ReferenceRow,
-    Row,
     build_leaderboard,
     load_reference,
     methods_table,
@@ -35,405 +38,490 @@ from vpeft.results.leaderboard import (
 from vpeft.vtab import GROUPS, TASKS
 
 EMPTY = "–"
+SHORT = {
+    "oxford_flowers102": "flowers102",
+    "oxford_iiit_pet": "pets",
+    "patch_camelyon": "camelyon",
+    "diabetic_retinopathy": "retinopathy",
+}
 
 
-# -- a table independent of the output format ------------------------------------------------------
+# -- a table for every format ----------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Out:
-    """One rendered cell: its text, the value a sortable column sorts by, and a tooltip."""
+    """One cell built by hand (scripts use it): its text, a sort value (unused: the page sorts by text), a tooltip."""
 
     text: str
     sort: float | str | None = None
     title: str = ""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Table:
+    """A table ready for every format: its anchor, title, cells (a frame of text; a column of lists of
+    (label, path) is a column of links), the notes printed under it and tooltips (same shape, or None).
+
+    ``Table(key, title, headers, rows_of_Out, notes)`` builds one from hand-made cells.
+    """
+
     key: str
     title: str
-    headers: list[str]
-    rows: list[list[Out]]
+    frame: pd.DataFrame | list[str]
+    rows: list[list[Out]] | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    tips: pd.DataFrame | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.frame, pd.DataFrame):
+            headers, rows = list(self.frame), self.rows or []
+            self.frame = pd.DataFrame([[c.text for c in r] for r in rows], columns=headers, dtype=object)
+            self.tips = pd.DataFrame([[c.title for c in r] for r in rows], columns=headers, dtype=object)
+        self.rows = None
+
+    @property
+    def link_columns(self) -> list[str]:
+        return [c for c in self.frame.columns if self.frame[c].map(lambda v: isinstance(v, list)).any()]
+
+    def text_columns(self) -> list[bool]:
+        """Columns that hold words (left-aligned): any cell that is not a number (with a unit, a mark or a remark
+        in brackets) or a dash."""
+        number = re.compile(rf"^({EMPTY}.*|≈?-?\d[\d.]*(e[-+]?\d+)?[%×†]?( .*)?)?$")
+        return [
+            i == 0 or self.frame[c].map(lambda v: isinstance(v, list) or not number.match(str(v))).any()
+            for i, c in enumerate(self.frame.columns)
+        ]
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
 
 
-def _num(v: float | None, fmt: str, suffix: str = "") -> Out:
-    return Out(EMPTY, None) if v is None else Out(f"{v:{fmt}}{suffix}", float(v))
+def _na(v: Any) -> bool:
+    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
 
 
-def _params(p: float | None, rng: tuple[float, float] | None = None) -> Out:
-    if p is None:
-        return Out(EMPTY)
-    if p == 0:
-        text = "0"
-    elif p < 0.01:
-        text = f"{p:.2g}"
+def _num(v: Any, fmt: str, suffix: str = "") -> str:
+    return EMPTY if _na(v) else f"{v:{fmt}}{suffix}"
+
+
+def _params(p: Any, lo: Any = None, hi: Any = None) -> tuple[str, str]:
+    if _na(p):
+        return EMPTY, ""
+    text = "0" if p == 0 else f"{p:.2g}" if p < 0.01 else f"{p:.3f}" if p < 1 else f"{p:.2f}" if p < 10 else f"{p:.1f}"
+    if not _na(lo) and not _na(hi) and hi > lo:
+        return text + "†", f"mean over tasks; {lo:.3g} to {hi:.3g} M"
+    return text, ""
+
+
+def _cell(c: pd.Series | None) -> tuple[str, str]:
+    """'mean ± std (n)' of one (row, dataset), and the seeds' values as its tooltip."""
+    if c is None:
+        return EMPTY, ""
+    text = f"{c['mean']:.1f} ± {c['std']:.1f} ({c['n']})" if c["n"] > 1 else f"{c['mean']:.1f} ({c['n']})"
+    tip = "seeds: " + ", ".join(f"{v:.2f}" for v in c["values"])
+    return (text + " *", tip + " (settings differ between seeds)") if c["mixed"] else (text, tip)
+
+
+def _agg(value: Any, present: int, total: int, missing: Sequence[str] = ()) -> tuple[str, str]:
+    if not _na(value):
+        return f"{value:.2f}", ""
+    if present == 0:
+        return EMPTY, ""
+    return f"{EMPTY} ({present}/{total})", "missing: " + ", ".join(missing)
+
+
+def latency_text(ratio: Any, spread: Any, noisy: Any, within: Any) -> str:
+    """'1.03× (1.04)': the ratio to the bare backbone and p90/median; ≈ within the noise, 'noisy' past the limit."""
+    if _na(ratio):
+        return EMPTY
+    return f"{'≈' if within else ''}{ratio:.2f}× ({spread:.2f}){' noisy' if noisy else ''}"
+
+
+def _memory(value: Any, kind: Any) -> tuple[str, str]:
+    if _na(value):
+        return EMPTY, ""
+    if kind == "cpu_peak_rss":
+        return f"{value:.0f} (process)", "the run process's peak RSS since it started: not per method"
+    return f"{value:.0f}", str(kind or "")
+
+
+def _table(key: str, title: str, cells: list[dict[str, tuple[str, str] | str | list]], notes=()) -> Table:
+    """A Table from rows of {header: text | (text, tooltip) | links}."""
+    text = [{h: v[0] if isinstance(v, tuple) else v for h, v in r.items()} for r in cells]
+    tips = [{h: v[1] if isinstance(v, tuple) else "" for h, v in r.items()} for r in cells]
+    frame = pd.DataFrame(text, dtype=object)
+    return Table(key, title, frame, notes=list(notes), tips=pd.DataFrame(tips, dtype=object) if cells else None)
+
+
+# -- the tables ------------------------------------------------------------------------------------
+
+COST_HEADERS = ("params (M)", "latency overhead (p90/median)", "train img/s", "peak mem (MB)")
+
+
+def _costs(r: pd.Series) -> dict[str, Any]:
+    if not _na(r["lat_ratio"]):
+        where = f"{r['lat_at']}; from {r['lat_source']}" + (f" {r['lat_record_rel']}" if r["lat_record_rel"] else "")
+        latency = (latency_text(r["lat_ratio"], r["lat_spread"], r["lat_noisy"], r["lat_within_noise"]), where)
     else:
-        text = f"{p:.3f}" if p < 1 else f"{p:.2f}" if p < 10 else f"{p:.1f}" if p < 100 else f"{p:.0f}"
-    if rng:
-        return Out(text + "†", p, f"mean over tasks; {rng[0]:.3g} to {rng[1]:.3g} M")
-    return Out(text, p)
-
-
-def _cell(cell) -> Out:
-    if cell is None:
-        return Out(EMPTY)
-    text = f"{cell.mean:.1f} ± {cell.std:.1f} ({cell.n})" if cell.std is not None else f"{cell.mean:.1f} ({cell.n})"
-    title = "seeds: " + ", ".join(f"{v:.2f}" for v in cell.values)
-    if cell.mixed:
-        text += " *"
-        title += " (settings differ between seeds)"
-    return Out(text, cell.mean, title)
-
-
-def _agg(value: float | None, missing: Sequence[str], total: int) -> Out:
-    if value is not None:
-        return Out(f"{value:.2f}", value)
-    if len(missing) == total:
-        return Out(EMPTY)
-    return Out(f"{EMPTY} ({total - len(missing)}/{total})", None, "missing: " + ", ".join(missing))
-
-
-def _memory(row: Row) -> Out:
-    if row.peak_mem_mb is None:
-        return Out(EMPTY)
-    rss = row.peak_mem_kind and "rss" in row.peak_mem_kind
-    return Out(f"{row.peak_mem_mb:.0f}{' (RSS)' if rss else ''}", row.peak_mem_mb, row.peak_mem_kind or "")
-
-
-def _latency(row: Row) -> Out:
-    if row.latency_overhead is None:
-        return Out(EMPTY)
-    mark = "ᵇ" if row.latency_source == "bench" else ""
-    title = "; ".join(t for t in (row.latency_variant, row.latency_at) if t)
-    return Out(f"{row.latency_overhead:.2f}×{mark}", row.latency_overhead, title)
-
-
-def _short(task: str) -> str:
+        latency = (r["lat_missing"] or EMPTY, f"measure it: {r['lat_command']}" if r["lat_command"] else "")
     return {
-        "oxford_flowers102": "flowers102",
-        "oxford_iiit_pet": "pets",
-        "patch_camelyon": "camelyon",
-        "diabetic_retinopathy": "retinopathy",
-    }.get(task, task)
+        COST_HEADERS[0]: _params(r["params_m"], r["params_min_m"], r["params_max_m"]),
+        COST_HEADERS[1]: latency,
+        COST_HEADERS[2]: _num(r["train_images_per_s"], ".0f"),
+        COST_HEADERS[3]: _memory(r["peak_mem_mb"], r["peak_mem_kind"]),
+    }
 
 
-COST_HEADERS = ["params (M)", "latency overhead", "train img/s", "peak mem (MB)"]
-
-
-def _costs(row: Row) -> list[Out]:
-    return [_params(row.params_m, row.params_range_m), _latency(row), _num(row.train_images_per_s, ".0f"), _memory(row)]
+def _measure_notes(rows: pd.DataFrame) -> list[str]:
+    cmds = [f"{r['label']}: `{r['lat_command']}`" for _, r in rows.iterrows() if r["lat_command"]]
+    if not cmds:
+        return []
+    return ["Latency not measured at these settings; each command writes the bench record the next build joins:"] + cmds
 
 
 def vtab_summary_table(lb: Leaderboard, backbone: str) -> Table:
     rows = lb.vtab_rows(backbone)
-    out = []
-    rank = 0
-    for r in rows:
-        rank += r.vtab.mean19 is not None
-        out.append(
-            [
-                Out(str(rank), rank) if r.vtab.mean19 is not None else Out(EMPTY),
-                Out(r.label, r.label),
-                *[_agg(r.vtab.groups[g], r.vtab.group_missing[g], len(GROUPS[g])) for g in GROUP_NAMES],
-                _agg(r.vtab.mean19, r.vtab.missing, len(TASKS)),
-                _agg(r.vtab.mean_of_groups, [g for g in GROUP_NAMES if r.vtab.groups[g] is None], len(GROUPS)),
-                *_costs(r),
-                _num(r.ppt, ".2f"),
-            ]
+    cells, rank = [], 0
+    for _, r in rows.iterrows():
+        complete = not _na(r["mean19"])
+        rank += complete
+        groups = {g: _agg(r[g], r[f"{g}_tasks"], len(GROUPS[g]), [t for t in GROUPS[g] if t in r["vtab_missing"]])
+                  for g in GROUP_NAMES}  # fmt: skip
+        present_groups = sum(not _na(r[g]) for g in GROUP_NAMES)
+        cells.append(
+            {
+                "rank": str(rank) if complete else EMPTY,
+                "method": r["label"],
+                **groups,
+                "mean (19 tasks)": _agg(r["mean19"], r["vtab_tasks"], len(TASKS), r["vtab_missing"]),
+                "mean of group means": _agg(r["mean_of_groups"], present_groups if r["vtab_tasks"] else 0, len(GROUPS)),
+                **_costs(r),
+                "PPT": _num(r["ppt"], ".2f"),
+            }
         )
-    notes = [f"{r.label}: missing {', '.join(r.vtab.missing)}" for r in rows if r.vtab.missing and r.vtab.present]
-    return Table(
-        f"vtab-summary-{_slug(backbone)}",
-        f"VTAB-1k summary: {backbone}",
-        ["rank", "method", "natural", "specialized", "structured", "mean (19 tasks)", "mean of group means"]
-        + COST_HEADERS
-        + ["PPT"],
-        out,
-        notes,
+    notes = [f"{r['label']}: missing {', '.join(r['vtab_missing'])}" for _, r in rows.iterrows()
+             if r["vtab_missing"] and r["vtab_tasks"]]  # fmt: skip
+    return _table(
+        f"vtab-summary-{_slug(backbone)}", f"VTAB-1k summary: {backbone}", cells, notes + _measure_notes(rows)
     )
 
 
 def vtab_tasks_table(lb: Leaderboard, backbone: str) -> Table:
-    rows = lb.vtab_rows(backbone)
-    return Table(
-        f"vtab-tasks-{_slug(backbone)}",
-        f"VTAB-1k per task, top-1 (%) mean ± std (n seeds): {backbone}",
-        ["method", *[_short(t) for t in TASKS]],
-        [[Out(r.label, r.label), *[_cell(r.cells.get(t)) for t in TASKS]] for r in rows],
+    cells = [
+        {"method": r["label"], **{SHORT.get(t, t): _cell(lb.cell(r, t)) for t in TASKS}}
+        for _, r in lb.vtab_rows(backbone).iterrows()
+    ]
+    return _table(
+        f"vtab-tasks-{_slug(backbone)}", f"VTAB-1k per task, top-1 (%) mean ± std (n seeds): {backbone}", cells
     )
 
 
 def other_table(lb: Leaderboard, backbone: str) -> Table:
     datasets = lb.other_datasets(backbone)
-    return Table(
-        f"other-{_slug(backbone)}",
-        f"Other datasets, top-1 (%) mean ± std (n seeds): {backbone}",
-        ["method", *datasets, *COST_HEADERS],
-        [
-            [Out(r.label, r.label), *[_cell(r.cells.get(d)) for d in datasets], *_costs(r)]
-            for r in lb.other_rows(backbone)
-        ],
-    )
+    rows = lb.other_rows(backbone)
+    cells = [
+        {"method": r["label"], **{d: _cell(lb.cell(r, d)) for d in datasets}, **_costs(r)} for _, r in rows.iterrows()
+    ]
+    title = f"Other datasets, top-1 (%) mean ± std (n seeds): {backbone}"
+    return _table(f"other-{_slug(backbone)}", title, cells, _measure_notes(rows))
+
+
+def _dates(first: Any, last: Any) -> str:
+    if _na(first):
+        return EMPTY
+    a, b = first.strftime("%Y-%m-%d"), last.strftime("%Y-%m-%d")
+    return a if a == b else f"{a} to {b}"
+
+
+def _config_text(key: str) -> str:
+    import json
+
+    from vpeft.results.frame import _value_text
+
+    return ", ".join(f"{k}={_value_text(v)}" for k, v in sorted(json.loads(key).items())) or EMPTY
+
+
+def provenance_table(lb: Leaderboard, backbone: str) -> Table:
+    """What produced each row: the recipe (input size, dtype, epochs, batch, optimizer, the chosen lr and
+    weight decay, the method config), the code (commits, uncommitted changes), when and where, the records."""
+    rows = lb.rows[lb.rows["backbone"] == backbone].sort_values("label")
+    cells = [
+        {
+            "method": r["label"],
+            "input (px)": r["img_size"],
+            "dtype": r["dtype"],
+            "epochs": r["epochs"],
+            "batch": r["batch"],
+            "optimizer": r["optimizer"] or EMPTY,
+            "lr": r["lr"] or EMPTY,
+            "weight decay": r["weight_decay"] or EMPTY,
+            "method config": _config_text(r["method_config_key"]),
+            "device": r["devices"],
+            "commit": (r["commits"] or "unknown") + (" (uncommitted changes)" if r["dirty"] else ""),
+            "finished": _dates(r["first_finished"], r["last_finished"]),
+            "records": r["records_rel"],
+        }
+        for _, r in rows.iterrows()
+    ]
+    note = "lr and weight decay: the values the final runs used (chosen by the tune stage where hparams= was given)."
+    return _table(f"provenance-{_slug(backbone)}", f"Recipe and provenance: {backbone}", cells, [note])
 
 
 def failures_table(lb: Leaderboard) -> Table:
-    return Table(
-        "failed",
-        "Runs that did not finish (never averaged)",
-        ["backbone", "method", "dataset", "protocol", "seed", "status", "error"],
-        [
-            [Out(f.backbone, f.backbone), Out(f.method, f.method), Out(f.dataset, f.dataset)]
-            + [Out(f.protocol, f.protocol), Out(str(f.seed), f.seed), Out(f.status, f.status), Out(f.error, f.error)]
-            for f in lb.failures
-        ],
+    cells = [
+        {
+            **{k: str(f[k]) for k in ("backbone", "method", "dataset", "protocol", "seed", "status", "error")},
+            "record": [("record", f["path_rel"])] if f["path_rel"] else EMPTY,
+        }
+        for _, f in lb.failures.iterrows()
+    ]
+    return _table("failed", "Runs that did not finish (never averaged)", cells)
+
+
+def reference_tables(ref: pd.DataFrame) -> list[Table]:
+    summary = [
+        {
+            "method": r["method"],
+            **{g: _num(r[g], ".2f") for g in GROUP_NAMES},
+            "mean (19 tasks)": _num(r["mean19"], ".2f"),
+            "mean of group means": _num(r["mean_of_groups"], ".2f"),
+            "params (M)": _params(r["params_m"]),
+            "PPT": _num(r["ppt"], ".2f"),
+            "source": r["source"],
+        }
+        for _, r in ref.iterrows()
+    ]
+    tasks = [{"method": r["method"], **{SHORT.get(t, t): _num(r[t], ".1f") for t in TASKS}} for _, r in ref.iterrows()]
+    note = (
+        "Numbers as the papers print them (per-task top-1, %); the means are computed from them by the same "
+        "code as the rows above. Several are best test accuracy over epochs, and recipes differ between "
+        "papers: compare with care. Houlsby and Pfeiffer adapters, prefix tuning and IA3 have no row: no primary "
+        "source of theirs has been checked (vpeft/results/reference/README.md)."
     )
+    return [
+        _table("published-summary", f"{REFERENCE_LABEL}: VTAB-1k, {REFERENCE_BACKBONE}", summary, [note]),
+        _table("published-tasks", f"{REFERENCE_LABEL}: VTAB-1k per task, {REFERENCE_BACKBONE}", tasks),
+    ]
 
 
-def reference_tables(reference: list[ReferenceRow]) -> list[Table]:
-    summary = Table(
-        "published-summary",
-        f"{REFERENCE_LABEL}: VTAB-1k, {REFERENCE_BACKBONE}",
-        ["method", "natural", "specialized", "structured", "mean (19 tasks)", "mean of group means"]
-        + ["params (M)", "PPT", "source"],
-        [
-            [
-                Out(r.method, r.method),
-                *[_num(r.vtab.groups[g], ".2f") for g in GROUP_NAMES],
-                _num(r.vtab.mean19, ".2f"),
-                _num(r.vtab.mean_of_groups, ".2f"),
-                _params(r.params_m),
-                _num(r.ppt, ".2f"),
-                Out(r.source, r.source),
-            ]
-            for r in reference
-        ],
-        [
-            "Numbers as the papers print them (per-task top-1, %); the means are computed from them by the same "
-            "code as the rows above. Several are best test accuracy over epochs, and recipes differ between "
-            "papers: compare with care."
-        ],
-    )
-    tasks = Table(
-        "published-tasks",
-        f"{REFERENCE_LABEL}: VTAB-1k per task, {REFERENCE_BACKBONE}",
-        ["method", *[_short(t) for t in TASKS]],
-        [[Out(r.method, r.method), *[_num(r.tasks[t], ".1f") for t in TASKS]] for r in reference],
-    )
-    return [summary, tasks]
+def _latency_columns(lat: pd.DataFrame) -> list[tuple[str, int]]:
+    """(dtype, batch) settings of a methods table: fp32 first, the smallest and the largest batch."""
+    dtypes = sorted(set(lat["dtype"]), key=lambda d: (d != "fp32", d))
+    batches = sorted(set(lat["batch"]))
+    return [(d, b) for d in dtypes for b in (sorted({batches[0], batches[-1]}) if batches else [])]
 
 
-def _bytes(n: int | None) -> Out:
-    if n is None:
-        return Out(EMPTY)
-    for unit, size in (("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return Out(f"{n / size:.1f} {unit}", n)
-    return Out(f"{n} B", n)
-
-
-def methods_tables(methods: list[MethodCost]) -> list[Table]:
-    """One table per (device, backbone): relative costs of every benchmarked method."""
+def methods_tables(methods: pd.DataFrame, out_dir: Path | None = None) -> list[Table]:
+    """One table per (device, backbone, input size): relative costs of every benchmarked method."""
+    lat = latency_frame(methods)  # methods_table numbers its rows 0..n-1: ``record`` is the row
     tables = []
-    for device, backbone in sorted({(m.device, m.backbone) for m in methods}):
-        rows = [m for m in methods if (m.device, m.backbone) == (device, backbone)]
-        dtypes = sorted({d for m in rows for d in m.dtypes}, key=lambda d: (d != "fp32", d))
-        batches = sorted({b for m in rows for b in m.batches})
-        batch_cols = [(d, b) for d in dtypes for b in (batches[:1] + batches[-1:] if len(batches) > 1 else batches)]
-        out = []
-        for m in rows:
-            lat = []
-            for d, b in batch_cols:
-                un, me = m.overhead.get(("unmerged", d, b)), m.overhead.get(("merged", d, b))
-                if un is None and me is None:
-                    lat.append(Out(EMPTY))
-                elif me is not None and un is not None:
-                    lat.append(Out(f"{un:.2f}× / {me:.2f}×", me, "unmerged / merged"))
-                else:
-                    lat.append(Out(f"{un:.2f}×", un, "unmerged"))
-            label = f"{m.method} ({m.variant})" if m.variant else m.method
-            out.append(
-                [
-                    Out(label, label),
-                    _num(m.params_pct, ".3g", "%"),
-                    _bytes(m.delta_bytes),
-                    *lat,
-                    _num(m.train_images_per_s, ".0f"),
-                    _num(m.train_rel, ".2f", "×"),
-                    _num(m.peak_mem_mb, ".0f"),
-                    _num(m.mem_rel, ".2f", "×"),
-                    Out("yes" if m.mergeable else "no", int(m.mergeable)),
-                ]
+    for (device, backbone, size), rows in methods.groupby(["device_label", "backbone", "img_size"], sort=True):
+        mine = lat[lat["record"].isin(rows.index)]
+        settings = _latency_columns(mine)
+        cells = []
+        for i, m in rows.iterrows():
+            cell: dict[str, Any] = {
+                "method": m["label"],
+                "trainable (% of backbone)": _num(m["params_pct"], ".3g", "%"),
+                "delta (MiB)": _num(m["delta_mib"], ".2f"),
+            }
+            for d, b in settings:
+                for which in ("unmerged", "merged"):
+                    hit = mine[(mine["record"] == i) & (mine["dtype"] == d) & (mine["batch"] == b)]
+                    hit = hit[hit["which"] == which]
+                    h = hit.iloc[0] if not hit.empty else None
+                    text = EMPTY if h is None else latency_text(h["ratio"], h["spread"], h["noisy"], h["within_noise"])
+                    tip = "" if h is None else f"median {h['median_ms']:.1f} ms, bare {h['bare_median_ms']:.1f} ms"
+                    cell[f"{d} b{b} {which}"] = (text, tip)
+            mem_tip = (
+                ""
+                if _na(m["training.base_mem_mb"])
+                else f"the process held {m['training.base_mem_mb']:.0f} MB before the model"
             )
-        kind = sorted({m.peak_mem_kind for m in rows if m.peak_mem_kind})
+            cell |= {
+                "train img/s": _num(m["training.images_per_s"], ".2f"),
+                "vs linear": _num(m["train_rel"], ".2f", "×"),
+                "peak mem (MB)": (_num(m["training.peak_mem_mb"], ".0f"), mem_tip),
+                "mem vs linear": _num(m["mem_rel"], ".2f", "×"),
+                "mergeable": "yes" if m["mergeable"] else "no",
+                "record": [("json", _rel(m["path"], out_dir))],
+            }
+            cells.append(cell)
         tables.append(
-            Table(
-                f"methods-{_slug(device)}-{_slug(backbone)}",
-                f"Methods compared on {device}: {backbone}",
-                ["method", "trainable (% of backbone)", "delta file"]
-                + [f"latency {d} b{b} (unmerged / merged)" for d, b in batch_cols]
-                + ["train img/s", "vs linear", "peak mem (MB)", "vs linear", "mergeable"],
-                out,
-                [
-                    "Latency: median per call over the bare backbone's median, measured in the same process "
-                    "(1.00× = no cost). Training: AdamW on the trainable parameters; relative to linear probing "
-                    "on the same device and backbone. Peak memory: " + (", ".join(kind) or "not measured") + "."
-                ],
+            _table(
+                f"methods-{_slug(device)}-{_slug(backbone)}-{size}",
+                f"Methods compared on {device}: {backbone} at {size} px",
+                cells,
+                _methods_notes(rows),
             )
         )
     return tables
 
 
-# -- renderers -------------------------------------------------------------------------------------
-
-
-def numeric_columns(t: Table) -> list[bool]:
-    """Columns whose cells all sort by numbers (right-aligned); text columns align left."""
-    return [
-        all(not isinstance(row[i].sort, str) for row in t.rows) and i > 0 and t.headers[i] != "method"
-        for i in range(len(t.headers))
+def _methods_notes(rows: pd.DataFrame) -> list[str]:
+    """What the table measured and how, and where its records come from (commits, dates, versions)."""
+    kinds = sorted(set(rows["training.peak_mem_kind"].dropna()))
+    base = rows["training.base_mem_mb"].dropna()
+    memory = {
+        "cpu_peak_rss_isolated": "peak resident set of a fresh process that loaded only the method's model and "
+        "trained it (one process per method)"
+        + (f"; such a process holds {base.min():.0f} to {base.max():.0f} MB before the model" if len(base) else ""),
+        "cuda_max_allocated": "CUDA allocator peak, reset before each method",
+        "cpu_peak_rss": "the benchmarking process's peak RSS since it started: it only grows over a sweep, so it "
+        "does not compare methods (no ratio is shown)",
+    }
+    commits = sorted({f"{str(s)[:10]}{' (uncommitted changes)' if d else ''}" for s, d in
+                      zip(rows["env.git_sha"].fillna("unknown"), rows["env.git_dirty"].fillna(False))})  # fmt: skip
+    created = rows["created_at"].dropna()
+    cfg = rows.iloc[0]
+    notes = [
+        "Latency: per-call median of the method over the bare backbone's median, timed in turns in the same process "
+        f"(1.00× = no cost); in brackets p90/median, the larger of the two; ≈: within that spread; noisy: "
+        f"p90/median > {NOISE_SPREAD}. {cfg.get('latency.warmup', '?')} warm-up and {cfg.get('latency.iters', '?')} "
+        f"timed calls per variant, {cfg.get('latency.threads', '?')} threads.",
+        f"Training: AdamW on the trainable parameters, batch {cfg.get('training.batch_size')}, "
+        f"{cfg.get('training.steps')} timed steps ({cfg.get('training.dtype')}); 'vs linear': relative to linear "
+        "probing in the same table.",
+        "Peak memory: " + ("; ".join(memory.get(k, k) for k in kinds) or "not measured") + ".",
+        f"Made from {len(rows)} bench records, commit {', '.join(commits)}, "
+        + (f"{created.min():%Y-%m-%d} to {created.max():%Y-%m-%d}" if len(created) else "dates unknown")
+        + f", torch {cfg.get('env.torch')}, timm {cfg.get('env.timm')}.",
     ]
+    return notes
 
 
-def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|")
+# -- writers (pandas does the tables) --------------------------------------------------------------
+
+
+def _rel(path: Any, out_dir: Path | None) -> str:
+    if _na(path) or not path:
+        return ""
+    return Path(os.path.relpath(path, out_dir)).as_posix() if out_dir is not None else str(path)
+
+
+def _with_links(t: Table, render: Callable[[list], str]) -> pd.DataFrame:
+    df = t.frame.copy()
+    for c in t.link_columns:
+        df[c] = df[c].map(lambda v: render(v) if isinstance(v, list) else v)
+    return df.fillna(EMPTY)
 
 
 def table_markdown(t: Table, level: int = 3) -> str:
-    lines = [f"{'#' * level} {t.title}", ""]
-    if not t.rows:
-        return "\n".join([*lines, "(none)", ""])
-    lines.append("| " + " | ".join(_md_escape(h) for h in t.headers) + " |")
-    lines.append("|" + "|".join("---:" if num else "---" for num in numeric_columns(t)) + "|")
-    lines += ["| " + " | ".join(_md_escape(c.text) for c in row) + " |" for row in t.rows]
-    lines.append("")
-    lines += [f"- {n}" for n in t.notes]
-    if t.notes:
-        lines.append("")
-    return "\n".join(lines)
+    head = f"{'#' * level} {t.title}\n\n"
+    if t.frame.empty:
+        return head + "(none)\n"
+    df = _with_links(t, lambda links: " ".join(f"[{label}]({path})" for label, path in links))
+    df = df.map(lambda v: str(v).replace("|", "\\|"))
+    align = ["left" if text else "right" for text in t.text_columns()]
+    md = df.to_markdown(index=False, colalign=align, disable_numparse=True)
+    return head + md + "\n\n" + "".join(f"- {n}\n" for n in t.notes) + ("\n" if t.notes else "")
 
 
-_TEX = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-}
+_TEX_UNICODE = {"±": r"$\pm$", "×": r"$\times$", "≈": r"$\approx$", "–": "--", "†": r"$^\dagger$"}
+_TEX_SPECIAL = {c: "\\" + c for c in "&%$#_{}"} | {"\\": r"\textbackslash{}", "~": r"\textasciitilde{}", "^": r"\^{}"}
 
 
 def _tex(text: str) -> str:
-    text = "".join(_TEX.get(ch, ch) for ch in text)
-    return (
-        text.replace("±", r"$\pm$")
-        .replace("×", r"$\times$")
-        .replace("–", "--")
-        .replace("†", r"$^\dagger$")
-        .replace("ᵇ", r"$^b$")
-    )
+    """Plain text (a caption) as LaTeX: special characters escaped, then the few symbols the tables use."""
+    text = re.sub(r"[\\&%$#_{}~^]", lambda m: _TEX_SPECIAL[m.group()], text)
+    for k, v in _TEX_UNICODE.items():
+        text = text.replace(k, v)
+    return text
 
 
 def table_latex(t: Table) -> str:
-    cols = "".join("r" if num else "l" for num in numeric_columns(t))
-    lines = [
-        r"\begin{table}[ht]",
-        r"\centering\scriptsize",
-        rf"\caption{{{_tex(t.title)}}}",
-        rf"\label{{tab:{t.key}}}",
-        r"\resizebox{\linewidth}{!}{%" if len(t.headers) > 10 else "%",
-        rf"\begin{{tabular}}{{{cols}}}",
-        r"\toprule",
-        " & ".join(_tex(h) for h in t.headers) + r" \\",
-        r"\midrule",
-    ]
-    lines += [" & ".join(_tex(c.text) for c in row) + r" \\" for row in t.rows]
-    lines += [r"\bottomrule", r"\end{tabular}", "}" if len(t.headers) > 10 else "%", r"\end{table}", ""]
-    return "\n".join(lines)
+    if t.frame.empty:
+        return ""
+    df = _with_links(t, lambda links: f"{len(links)}")
+    styler = df.style.hide(axis="index").format(escape="latex").format_index(escape="latex", axis=1)
+    cols = "".join("l" if text else "r" for text in t.text_columns())
+    tex = styler.to_latex(
+        caption=_tex(t.title), label=f"tab:{t.key}", hrules=True, column_format=cols, position_float="centering"
+    )
+    for k, v in _TEX_UNICODE.items():
+        tex = tex.replace(k, v)
+    # wide tables shrink to the line width
+    tex = tex.replace("\\begin{tabular}", "\\resizebox{\\linewidth}{!}{%\n\\begin{tabular}").replace(
+        "\\end{tabular}", "\\end{tabular}}"
+    )
+    return tex
+
+
+def _links_html(links: list[tuple[str, str]]) -> str:
+    anchors = " ".join(f'<a href="{html.escape(p)}">{html.escape(label)}</a>' for label, p in links)
+    if len(links) <= 2:
+        return anchors
+    return f"<details><summary>{len(links)} records</summary>{anchors}</details>"
+
+
+def _notes_html(notes: list[str]) -> str:
+    """Notes as a list; `text in backticks` (commands) as code."""
+    items = [re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(n)) for n in notes]
+    return "<ul class='notes'>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>\n" if notes else ""
 
 
 def table_html(t: Table) -> str:
-    nums = numeric_columns(t)
-    left = ["" if num else ' class="t"' for num in nums]
-    head = "".join(f'<th title="click to sort"{left[i]}>{html.escape(h)}</th>' for i, h in enumerate(t.headers))
-    body = []
-    for row in t.rows:
-        tds = []
-        for i, c in enumerate(row):
-            key = "" if c.sort is None else (f"{c.sort:.10g}" if isinstance(c.sort, (int, float)) else str(c.sort))
-            title = f' title="{html.escape(c.title)}"' if c.title else ""
-            tds.append(f'<td data-v="{html.escape(key)}"{left[i]}{title}>{html.escape(c.text)}</td>')
-        body.append("<tr>" + "".join(tds) + "</tr>")
-    notes = "".join(f"<li>{html.escape(n)}</li>" for n in t.notes)
-    rows = "\n".join(body) if body else f'<tr><td colspan="{len(t.headers)}">(none)</td></tr>'
-    return (
-        f'<h3 id="{t.key}">{html.escape(t.title)}</h3>\n'
-        f'<div class="scroll"><table class="sortable" id="table-{t.key}">\n<thead><tr>{head}</tr></thead>\n'
-        f"<tbody>\n{rows}\n</tbody></table></div>\n" + (f"<ul class='notes'>{notes}</ul>\n" if notes else "")
-    )
+    head = f'<h3 id="{t.key}">{html.escape(t.title)}</h3>\n'
+    if t.frame.empty:
+        return head + "<p>(none)</p>\n"
+    df = t.frame.fillna(EMPTY)
+    links = t.link_columns
+    styler = Styler(df, uuid=t.key).hide(axis="index")
+    styler = styler.format(escape="html").format_index(escape="html", axis=1)
+    if links:
+        styler = styler.format(lambda v: _links_html(v) if isinstance(v, list) else html.escape(str(v)), subset=links)
+    if t.tips is not None:
+        styler = styler.set_tooltips(t.tips.fillna("").map(lambda s: html.escape(str(s))), as_title_attribute=True)
+    left = [c for c, text in zip(df.columns, t.text_columns()) if text]
+    left_css = [{"selector": "td", "props": "text-align: left"}, {"selector": "th", "props": "text-align: left"}]
+    styler = styler.set_table_styles(dict.fromkeys(left, left_css), overwrite=False)
+    body = styler.set_table_attributes('class="sortable"').to_html()
+    return head + f'<div class="scroll">{body}</div>\n' + _notes_html(t.notes)
+
+
+CSV_COLUMNS = [
+    *GROUP_NAMES, "mean19", "mean_of_groups", "vtab_tasks", "params_m", "lat_ratio", "lat_spread", "lat_noisy",
+    "lat_within_noise", "lat_source", "lat_at", "lat_missing", "lat_command", "train_images_per_s", "peak_mem_mb",
+    "peak_mem_kind", "ppt", "img_size", "dtype", "epochs", "batch", "optimizer", "lr", "weight_decay", "devices",
+    "commits", "dirty", "first_finished", "last_finished", "n_records",
+]  # fmt: skip
 
 
 def leaderboard_csv(lb: Leaderboard) -> str:
-    """One row per (backbone, method[, variant]): every dataset's mean/std/n, the VTAB means and costs."""
-    datasets = [t for t in TASKS if any(t in r.cells for r in lb.rows)]
-    datasets += sorted({d for r in lb.rows for d in r.cells if d not in TASKS})
-    header = ["backbone", "method", "variant"]
-    header += [f"{d}_{k}" for d in datasets for k in ("mean", "std", "n")]
-    header += [f"vtab_{g}" for g in GROUP_NAMES] + ["vtab_mean_19_tasks", "vtab_mean_of_group_means", "vtab_tasks"]
-    header += ["params_M_excl_head", "latency_overhead", "latency_variant", "latency_at", "latency_source"]
-    header += ["train_images_per_s", "peak_mem_mb", "peak_mem_kind", "ppt", "devices"]
-
-    def f(v: float | None) -> str:
-        return "" if v is None else f"{v:.4f}"
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for r in sorted(lb.rows, key=lambda r: (r.backbone, r.method, r.variant)):
-        line: list[Any] = [r.backbone, r.method, r.variant]
-        for d in datasets:
-            c = r.cells.get(d)
-            line += [f(c.mean), f(c.std), c.n] if c else ["", "", ""]
-        line += [f(r.vtab.groups[g]) for g in GROUP_NAMES]
-        line += [f(r.vtab.mean19), f(r.vtab.mean_of_groups), r.vtab.present]
-        line += [f(r.params_m), f(r.latency_overhead), r.latency_variant or "", r.latency_at or ""]
-        line += [r.latency_source or ""]
-        line += [f(r.train_images_per_s), f(r.peak_mem_mb), r.peak_mem_kind or "", f(r.ppt), "; ".join(r.devices)]
-        w.writerow(line)
-    return buf.getvalue()
+    """One row per (backbone, method[, variant]): each dataset's mean/std/n, then ``CSV_COLUMNS`` of the rows frame
+    (VTAB means, parameters in millions, the latency with its spread, flags and source, training costs, PPT, the
+    recipe and provenance) and the records' paths (relative to the output folder, ';'-separated)."""
+    stats = lb.cells.pivot(index=KEY, columns="dataset", values=["mean", "std", "n"])
+    order = [t for t in TASKS if t in lb.cells["dataset"].values] + lb.other_datasets_all()
+    stats.columns = [f"{d}_{k}" for k, d in stats.columns]
+    stats = stats[[f"{d}_{k}" for d in order for k in ("mean", "std", "n")]]
+    rows = lb.rows.set_index(KEY)
+    out = stats.join(rows[CSV_COLUMNS].assign(records=[";".join(p for _, p in r) for r in rows["records_rel"]]))
+    return out.reset_index().to_csv(index=False, float_format="%.4f", lineterminator="\n")
 
 
-def methods_csv(methods: list[MethodCost]) -> str:
-    keys = sorted({k for m in methods for k in m.overhead}, key=lambda k: (k[1] != "fp32", k[1], k[2], k[0]))
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(
-        ["device", "backbone", "method", "variant", "mergeable", "trainable_excl_head", "params_pct_of_backbone"]
-        + ["delta_bytes"]
-        + [f"latency_{v}_{d}_b{b}" for v, d, b in keys]
-        + ["train_images_per_s", "train_vs_linear", "peak_mem_mb", "peak_mem_kind", "mem_vs_linear"]
+METHODS_CSV_COLUMNS = [
+    "device_label", "backbone", "img_size", "method", "variant", "mergeable", "params.trainable_excl_head",
+    "params_pct", "params.delta_bytes", "training.images_per_s", "train_rel", "training.peak_mem_mb",
+    "training.peak_mem_kind", "training.base_mem_mb", "mem_rel", "env.git_sha", "env.git_dirty", "created_at",
+]  # fmt: skip
+
+
+def methods_csv(methods: pd.DataFrame, out_dir: Path | None = None) -> str:
+    """One row per bench record: its columns named as ``load_bench_records`` names them, then every latency
+    ratio, spread and noise flag as ``latency_<variant>_<dtype>_b<batch>[_spread|_noisy]``."""
+    lat = latency_frame(methods)
+    lat["setting"] = "latency_" + lat["which"] + "_" + lat["dtype"] + "_b" + lat["batch"].astype(str)
+    wide = lat.pivot(index="record", columns="setting", values=["ratio", "spread", "noisy"])
+    wide.columns = [s + {"ratio": "", "spread": "_spread", "noisy": "_noisy"}[k] for k, s in wide.columns]
+    out = (
+        methods[METHODS_CSV_COLUMNS]
+        .join(wide[sorted(wide.columns)])
+        .assign(record=[_rel(p, out_dir) for p in methods["path"]])
     )
-
-    def f(v: float | None) -> str:
-        return "" if v is None else f"{v:.4f}"
-
-    for m in methods:
-        w.writerow(
-            [m.device, m.backbone, m.method, m.variant, "yes" if m.mergeable else "no", m.trainable_excl_head]
-            + [f(m.params_pct), "" if m.delta_bytes is None else m.delta_bytes]
-            + [f(m.overhead.get(k)) for k in keys]
-            + [f(m.train_images_per_s), f(m.train_rel), f(m.peak_mem_mb), m.peak_mem_kind or "", f(m.mem_rel)]
-        )
-    return buf.getvalue()
+    return out.to_csv(index=False, float_format="%.4f", lineterminator="\n")
 
 
 # -- plots -----------------------------------------------------------------------------------------
@@ -487,7 +575,7 @@ def _place_labels(fig, ax, xs: list[float], ys: list[float], labels: list[str]) 
                 textcoords="offset points",
                 ha=ha,
                 va=va,
-                fontsize=9,
+                fontsize=8,
                 arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6} if far else None,
             )
             box = ann.get_window_extent(renderer).expanded(1.04, 1.15)
@@ -513,17 +601,25 @@ def plot_tradeoff(
     log_x: bool,
     out_dir: Path,
     stem: str,
+    published: Sequence[tuple[str, float, float]] = (),
+    noisy: Sequence[str] = (),
 ) -> Plot:
-    """Accuracy against a cost, the Pareto front (max accuracy, min cost) drawn as a staircase, each point labelled."""
+    """Accuracy against a cost: the Pareto front (max accuracy, min cost) of the measured points drawn as a
+    staircase, each point labelled. ``published`` points (orange diamonds) and ``noisy`` ones (crosses) are
+    drawn but never on the front."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter
 
-    labels = [p[0] for p in points]
-    xs = [float(p[1]) for p in points]
-    ys = [float(p[2]) for p in points]
-    front = pareto_front(list(zip(xs, ys)))
+    everything = list(points) + list(published)
+    labels = [p[0] for p in everything]
+    xs = [float(p[1]) for p in everything]
+    ys = [float(p[2]) for p in everything]
+    n = len(points)
+    measured = [i for i in range(n) if labels[i] not in noisy]
+    front_of = pareto_front([(xs[i], ys[i]) for i in measured])
+    front = {i for i, f in zip(measured, front_of) if f}
     zero_at = None
     if log_x:
         positive = [x for x in xs if x > 0]
@@ -536,11 +632,12 @@ def plot_tradeoff(
         ax = fig.add_subplot()
         if log_x:
             ax.set_xscale("log")
-        order = sorted((i for i in range(len(xs)) if front[i]), key=lambda i: (xs[i], ys[i]))
+        order = sorted(front, key=lambda i: (xs[i], ys[i]))
         if len(order) > 1:
             ax.step([xs[i] for i in order], [ys[i] for i in order], where="post", color="C0", lw=1.2, alpha=0.6)
-        dom = [i for i in range(len(xs)) if not front[i]]
-        ax.scatter([xs[i] for i in order], [ys[i] for i in order], s=46, color="C0", zorder=3, label="Pareto front")
+        dom = [i for i in measured if i not in front]
+        if order:
+            ax.scatter([xs[i] for i in order], [ys[i] for i in order], s=46, color="C0", zorder=3, label="Pareto front")
         if dom:
             ax.scatter(
                 [xs[i] for i in dom],
@@ -548,9 +645,17 @@ def plot_tradeoff(
                 s=40,
                 facecolors="white",
                 edgecolors="0.45",
-                zorder=4,  # hollow, above the front: a point hidden under another still shows
+                zorder=4,
                 label="dominated",
-            )
+            )  # fmt: skip  (hollow, above the front: a hidden point still shows)
+        bad = [i for i in range(n) if i not in measured]
+        if bad:
+            ax.scatter([xs[i] for i in bad], [ys[i] for i in bad], s=46, marker="x", color="C3", zorder=4,
+                       label=f"noisy latency (p90/median > {NOISE_SPREAD})")  # fmt: skip
+        if published:
+            pub = range(n, len(xs))
+            ax.scatter([xs[i] for i in pub], [ys[i] for i in pub], s=44, marker="D", color="C1", alpha=0.8, zorder=2,
+                       label=f"{REFERENCE_LABEL}, {REFERENCE_BACKBONE}")  # fmt: skip
         ax.margins(x=0.18, y=0.14)
         if zero_at is not None:
             ax.axvline(zero_at * 1.8, color="0.8", lw=0.8, ls=":")
@@ -576,49 +681,56 @@ def plot_tradeoff(
     return Plot(stem, title, png, svg)
 
 
-def make_plots(lb: Leaderboard, out_dir: Path) -> list[Plot]:
-    """Per backbone: accuracy vs parameters and vs latency overhead, for VTAB-1k (mean of 19 tasks,
-    complete rows only) and for each other dataset."""
+PARAMS_X = "trainable parameters, excluding the head (millions, log scale)"
+
+
+def _published_overlay(backbone: str) -> bool:
+    """Published ViT-B/16 IN-21k numbers sit beside measured VTAB-1k rows of that backbone only."""
+    return backbone.startswith("vit_base_patch16_224") and "21k" in backbone
+
+
+def make_plots(lb: Leaderboard, out_dir: Path, reference: pd.DataFrame | None = None) -> list[Plot]:
+    """Per backbone and dataset (VTAB-1k: mean of 19 tasks, complete rows only) with at least two rows:
+    accuracy vs parameters and, where at least two rows have a like-for-like latency, vs latency overhead.
+    The published numbers get a plot of their own and sit beside measured ViT-B/16 IN-21k VTAB-1k rows."""
     plots = []
+    ref = reference if reference is not None else pd.DataFrame(columns=["method", "params_m", "mean19"])
+    pub = [(f"{m} (pub.)", p, a) for m, p, a in ref[["method", "params_m", "mean19"]].itertuples(index=False)]
     for backbone in lb.backbones:
-        series: list[tuple[str, str, list[tuple[Row, float]]]] = []
-        vtab = [(r, r.vtab.mean19) for r in lb.vtab_rows(backbone) if r.vtab.mean19 is not None]
-        if vtab:
-            series.append(("vtab1k", "VTAB-1k top-1 (%), mean of 19 tasks", vtab))
+        series: list[tuple[str, str, pd.DataFrame]] = []
+        vtab = lb.vtab_rows(backbone)
+        vtab = vtab[vtab["mean19"].notna()]
+        series.append(("vtab1k", "VTAB-1k top-1 (%), mean of 19 tasks", vtab.assign(acc=vtab["mean19"])))
         for d in lb.other_datasets(backbone):
-            series.append(
-                (d, f"{d} top-1 (%)", [(r, r.cells[d].mean) for r in lb.other_rows(backbone) if d in r.cells])
-            )
-        for name, ylabel, pts in series:
+            rows = lb.other_rows(backbone)
+            acc = [lb.cell(r, d)["mean"] if lb.cell(r, d) is not None else float("nan") for _, r in rows.iterrows()]
+            rows = rows.assign(acc=acc)
+            series.append((d, f"{d} top-1 (%)", rows[rows["acc"].notna()]))
+        for name, ylabel, rows in series:
+            if len(rows) < 2:
+                continue  # one point compares with nothing
             stem = f"{_slug(backbone)}_{_slug(name)}"
-            p = [(r.label, r.params_m, acc) for r, acc in pts if r.params_m is not None]
-            if p:
+            overlay = pub if name == "vtab1k" and _published_overlay(backbone) else []
+            p = [(r["label"], r["params_m"], r["acc"]) for _, r in rows.iterrows() if not _na(r["params_m"])]
+            title = f"{backbone}: {name if name != 'vtab1k' else 'VTAB-1k'}, accuracy vs trainable parameters"
+            plots.append(plot_tradeoff(p, PARAMS_X, ylabel, title, True, out_dir, f"{stem}_params", published=overlay))
+            lat = rows[rows["lat_ratio"].notna()]
+            if len(lat) >= 2:
+                ats = sorted({a.split("; median")[0] for a in lat["lat_at"]})
+                where = ats[0] if len(ats) == 1 else "settings differ, see the table"
+                points = [(r["label"], r["lat_ratio"], r["acc"]) for _, r in lat.iterrows()]
+                noisy = [r["label"] for _, r in lat.iterrows() if r["lat_noisy"]]
+                title = f"{backbone}: {name if name != 'vtab1k' else 'VTAB-1k'}, accuracy vs latency overhead"
+                xlabel = f"inference latency overhead (× bare backbone, median per call)\n{where}"
                 plots.append(
-                    plot_tradeoff(
-                        p,
-                        "trainable parameters, excluding the head (millions, log scale)",
-                        ylabel,
-                        f"{backbone}: accuracy vs trainable parameters",
-                        True,
-                        out_dir,
-                        f"{stem}_params",
-                    )
+                    plot_tradeoff(points, xlabel, ylabel, title, False, out_dir, f"{stem}_latency", noisy=noisy)
                 )
-            lat = [(r.label, r.latency_overhead, acc) for r, acc in pts if r.latency_overhead is not None]
-            if lat:
-                ats = sorted({r.latency_at for r, _ in pts if r.latency_at})
-                where = "merged where possible; " + (ats[0] if len(ats) == 1 else "settings differ, see the table")
-                plots.append(
-                    plot_tradeoff(
-                        lat,
-                        f"inference latency overhead (× bare backbone, median per call)\n{where}",
-                        ylabel,
-                        f"{backbone}: accuracy vs latency overhead",
-                        False,
-                        out_dir,
-                        f"{stem}_latency",
-                    )
-                )
+    if pub:
+        title = f"{REFERENCE_LABEL}: VTAB-1k, {REFERENCE_BACKBONE}"
+        ylabel = "VTAB-1k top-1 (%), mean of 19 tasks"
+        plots.append(
+            plot_tradeoff([], PARAMS_X, ylabel, title, True, out_dir, "published_vtab1k_params", published=pub)
+        )
     return plots
 
 
@@ -626,7 +738,7 @@ def make_plots(lb: Leaderboard, out_dir: Path) -> list[Plot]:
 
 DEFINITIONS = [
     "Only final runs (train800val200 -> test) with status ok rank; tune runs are ignored; failed and interrupted "
-    "runs are listed apart, never averaged.",
+    "runs are listed apart, never averaged. A rerun of a seed replaces it (the latest wins).",
     "Cells: top-1 (%) at the last epoch, mean ± sample standard deviation (ddof=1) over seeds, n seeds in "
     "brackets; one seed shows no std. * marks seeds run with different settings.",
     "VTAB-1k: a group mean averages the group's task means; 'mean (19 tasks)' averages the 19 task means; "
@@ -634,53 +746,102 @@ DEFINITIONS = [
     "labelled, and only when every task they need is there (else the count of tasks present).",
     "params (M): trainable parameters excluding the classifier head, in millions (mean over tasks, marked †, "
     "when it varies with the task, e.g. VPT's per-task prompt lengths).",
-    "latency overhead: median latency per forward call of the method over the bare backbone's, timed in the "
-    "same process with the protocol of vpeft.bench (synchronised, warm-up, median over timed calls); merged "
-    "where the method allows it, else unmerged. ᵇ: from a bench record rather than the runs.",
-    "train img/s and peak mem: measured during the runs' training; (RSS) marks a CPU process peak resident set, "
-    "not comparable with GPU allocator peaks.",
+    "Costs like for like: a latency stands beside an accuracy only when it was measured on the same backbone, "
+    "method config, input size, device and dtype as the runs: the runs' own measurement, else a bench record "
+    "(bench.only=true) with all five equal. Otherwise the cell says 'not measured at <size> px' and the notes "
+    "give the command that measures it. Train img/s and peak memory are the runs' own.",
+    "latency overhead: median latency per forward call of the method over the bare backbone's, both timed in "
+    "turns in one process (synchronised, warm-up, then timed calls), merged where the method allows it, at "
+    "batch 1; in brackets p90/median, the larger of the method's and the bare backbone's.",
+    f"Noise: 'noisy' when p90/median exceeds {NOISE_SPREAD} (a few slow calls move such a median: the ratio says "
+    "nothing; noisy points are crosses in the plots, never on a front); ≈ when |ratio − 1| is within "
+    "p90/median − 1 (the difference is smaller than the call-to-call variation).",
+    "peak mem: CUDA allocator peak (reset per measurement); on a CPU the peak RSS of a fresh process per method "
+    "in bench records, while a run's own number, marked (process), is its process's lifetime peak and not per method.",
     f"PPT (performance-parameter trade-off, as SCT, Zhao et al. 2023, define it): mean of 19 tasks × "
     f"exp(-log10(P / C + 1)), P = trainable parameters excluding the head, C = {PPT_C:.0e}.",
-    "Plots: the Pareto front (maximise accuracy, minimise parameters or latency overhead) is drawn as a "
-    "staircase; hollow points are dominated. Linear probing (0 trainable parameters besides the head) sits at "
-    "the axis' '0' tick.",
+    "Plots: only where at least two rows compare; the Pareto front (maximise accuracy, minimise parameters or "
+    "latency overhead) is a staircase, hollow points are dominated, orange diamonds are published numbers "
+    "(never on the front). Linear probing (0 trainable parameters besides the head) sits at the axis' '0' tick.",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
 class Page:
-    """Everything rendered: the sections in order (title, tables, plots) and the counts for the header."""
+    """Everything rendered: the header lines, the sections in order (title, tables, plots), warnings."""
 
-    intro: str
+    intro: list[str]
     sections: list[tuple[str, list[Table], list[Plot]]]
     warnings: list[str]
 
 
-def build_page(lb: Leaderboard, plots: list[Plot], n_records: int, methods: list[MethodCost] | None) -> Page:
-    ranked = sum(c.n for r in lb.rows for c in r.cells.values())
-    intro = (
-        f"{n_records} run records: {ranked} final runs ranked in {len(lb.rows)} rows, {lb.tune_ignored} tune runs "
-        f"ignored, {len(lb.failures)} failed or interrupted."
-    )
+def _provenance_lines(lb: Leaderboard, runs: pd.DataFrame, bench: pd.DataFrame | None) -> list[str]:
+    """The page's header: what it was made from (records, commits, dates, devices, versions)."""
+    ranked = int(lb.cells["n"].sum()) if not lb.cells.empty else 0
+    lines = [
+        f"{lb.n_records} run records: {ranked} final runs ranked in {len(lb.rows)} rows, {lb.tune_ignored} tune "
+        f"runs ignored, {len(lb.failures)} failed or interrupted."
+        + (f" {len(bench)} bench records." if bench is not None else "")
+    ]
+    for what, df, when in (("Runs", runs, "finished_at"), ("Bench records", bench, "created_at")):
+        if df is None or df.empty:
+            continue
+        shas = df["env.git_sha"].fillna("unknown").str.slice(0, 10)
+        dirty = df["env.git_dirty"].fillna(False).astype(bool)
+        commits = ", ".join(
+            f"{s} ({n} records{f', {d} with uncommitted changes' if d else ''})"
+            for s, n, d in pd.DataFrame({"s": shas, "d": dirty}).groupby("s")["d"].agg(["size", "sum"]).itertuples()
+        )
+        dates = df[when].dropna()
+        span = f"{dates.min():%Y-%m-%d} to {dates.max():%Y-%m-%d}" if len(dates) else "dates unknown"
+        devices = ", ".join(sorted(set(df["env.device_name"].dropna() + " (" + df["env.device"].dropna() + ")")))
+        versions = ", ".join(sorted({f"torch {t}, timm {m}" for t, m in zip(df["env.torch"], df["env.timm"])}))
+        lines.append(f"{what}: commit {commits}; {span}; {devices}; {versions}.")
+    return lines
+
+
+def build_page(
+    lb: Leaderboard,
+    plots: list[Plot],
+    runs: pd.DataFrame | None = None,
+    methods: pd.DataFrame | None = None,
+    out_dir: Path | None = None,
+) -> Page:
+    """The page's sections; record links relative to ``out_dir`` (give the leaderboard ``relative_to`` it)."""
     sections = []
     for backbone in lb.backbones:
         tables = []
-        if lb.vtab_rows(backbone):
+        if not lb.vtab_rows(backbone).empty:
             tables += [vtab_summary_table(lb, backbone), vtab_tasks_table(lb, backbone)]
-        if lb.other_rows(backbone):
+        if not lb.other_rows(backbone).empty:
             tables.append(other_table(lb, backbone))
+        if (lb.rows["backbone"] == backbone).any():
+            tables.append(provenance_table(lb, backbone))
         mine = [p for p in plots if p.stem.startswith(_slug(backbone) + "_")]
         if tables or mine:
             sections.append((backbone, tables, mine))
-    if methods:
-        sections.append(("Methods compared (bench records)", methods_tables(methods), []))
+    if methods is not None:
+        sections.append(("Methods compared (bench records)", methods_tables(methods, out_dir), []))
     sections.append(("Failed and interrupted runs", [failures_table(lb)], []))
-    sections.append((f"Reference: {REFERENCE_LABEL}", reference_tables(load_reference()), []))
+    ref_plots = [p for p in plots if p.stem.startswith("published_")]
+    sections.append((f"Reference: {REFERENCE_LABEL}", reference_tables(load_reference()), ref_plots))
+    runs = runs if runs is not None else pd.DataFrame(columns=["env.git_sha"])
+    intro = _provenance_lines(lb, runs, methods)
     return Page(intro, sections, list(lb.warnings))
 
 
+def relative_to(lb: Leaderboard, out_dir: Path | None) -> Leaderboard:
+    """The leaderboard with its record paths as links from ``out_dir`` (as they are, without one)."""
+    rows = lb.rows.assign(
+        records_rel=[[(label, _rel(p, out_dir)) for label, p in links] for links in lb.rows.get("records", [])],
+        lat_record_rel=[_rel(p, out_dir) for p in lb.rows.get("lat_record", [])],
+    )
+    failures = lb.failures.assign(path_rel=[_rel(p, out_dir) for p in lb.failures["path"]])
+    return dataclasses.replace(lb, rows=rows, failures=failures)
+
+
 def page_markdown(page: Page) -> str:
-    out = ["# vpeft leaderboard", "", page.intro, ""]
+    out = ["# vpeft leaderboard", "", *page.intro, ""]
     for title, tables, plots in page.sections:
         out += [f"## {title}", ""]
         out += [table_markdown(t) for t in tables]
@@ -694,14 +855,11 @@ def page_markdown(page: Page) -> str:
 
 
 def page_latex(page: Page) -> str:
-    out = [
-        "% vpeft leaderboard tables; needs \\usepackage{booktabs} and \\usepackage{graphicx}",
-        f"% {page.intro}",
-        "",
-    ]
+    out = ["% vpeft leaderboard tables; needs \\usepackage{booktabs} and \\usepackage{graphicx}"]
+    out += [f"% {line}" for line in page.intro] + [""]
     for title, tables, _ in page.sections:
         out.append(f"% --- {title}")
-        out += [table_latex(t) for t in tables if t.rows]
+        out += [table_latex(t) for t in tables if not t.frame.empty]
     return "\n".join(out)
 
 
@@ -709,33 +867,44 @@ _CSS = " ".join(
     [
         "body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1500px;color:#222;padding:0 16px}",
         "h1{font-size:24px} h2{font-size:19px;margin-top:34px;border-bottom:1px solid #ddd;padding-bottom:4px}",
-        "h3{font-size:15px} .scroll{overflow-x:auto} table{border-collapse:collapse;font-size:12.5px;margin:6px 0}",
-        "th,td{padding:3px 8px;border-bottom:1px solid #e6e6e6;text-align:right;white-space:nowrap}",
-        "th.t,td.t{text-align:left}",
+        "h3{font-size:15px} .scroll{overflow-x:auto;max-width:100%}",
+        "table{border-collapse:collapse;font-size:12px;margin:6px 0}",
+        "th,td{padding:3px 7px;border-bottom:1px solid #e6e6e6;text-align:right}",
+        "td{white-space:nowrap} th{white-space:normal;min-width:3.5em;max-width:10em;vertical-align:bottom}",
         "th{background:#f4f6f8;cursor:pointer;user-select:none;position:sticky;top:0}",
         'th.asc::after{content:" \\25B2"} th.desc::after{content:" \\25BC"} tbody tr:hover{background:#fafbe6}',
-        ".notes{font-size:12px;color:#555} .plots{display:flex;flex-wrap:wrap;gap:12px}",
-        ".plots img{width:640px;max-width:100%;border:1px solid #eee}",
+        "details{display:inline} summary{cursor:pointer;color:#1a5fb4} td a{margin-right:4px}",
+        ".notes{font-size:12px;color:#555} .notes code{font-size:11px;background:#f4f4f4;padding:1px 3px}",
+        ".plots{display:flex;flex-wrap:wrap;gap:12px} .plots img{width:640px;max-width:100%;border:1px solid #eee}",
         ".ref{background:#fbf7ee;border:1px solid #e8dcc0;padding:4px 14px;margin-top:30px} .warn{color:#8a4b00}",
+        ".intro{font-size:13px;color:#333}",
     ]
 )
 
+# Sorting by a cell's text: a leading number (after ≈) sorts as a number, a dash or nothing last, words as words.
 _JS = """
+function sortKey(cell){
+  if (!cell) return null;
+  var t = cell.textContent.trim();
+  if (t === '' || t.charAt(0) === '\\u2013') return null;
+  var m = t.match(/^\\u2248?(-?\\d[\\d.]*(?:e[-+]?\\d+)?)[%\\u00d7\\u2020]?(?: .*)?$/i);
+  return m ? parseFloat(m[1]) : t.toLowerCase();
+}
 document.querySelectorAll('table.sortable').forEach(function(table){
-  table.querySelectorAll('th').forEach(function(th, col){
+  table.querySelectorAll('thead th').forEach(function(th, col){
+    th.title = 'click to sort';
     th.addEventListener('click', function(){
       var asc = !th.classList.contains('asc');
-      table.querySelectorAll('th').forEach(function(h){h.classList.remove('asc','desc');});
+      table.querySelectorAll('thead th').forEach(function(h){h.classList.remove('asc','desc');});
       th.classList.add(asc ? 'asc' : 'desc');
       var body = table.tBodies[0];
       var rows = Array.prototype.slice.call(body.rows);
       rows.sort(function(a, b){
-        var x = a.cells[col] ? a.cells[col].getAttribute('data-v') : '';
-        var y = b.cells[col] ? b.cells[col].getAttribute('data-v') : '';
-        if (x === '' || x === null) return (y === '' || y === null) ? 0 : 1;
-        if (y === '' || y === null) return -1;
-        var nx = parseFloat(x), ny = parseFloat(y);
-        var c = (!isNaN(nx) && !isNaN(ny) && String(nx) !== 'NaN') ? nx - ny : x.localeCompare(y);
+        var x = sortKey(a.cells[col]), y = sortKey(b.cells[col]);
+        if (x === null) return y === null ? 0 : 1;
+        if (y === null) return -1;
+        var c = (typeof x === 'number' && typeof y === 'number') ? x - y
+              : (typeof x === 'number') ? -1 : (typeof y === 'number') ? 1 : x.localeCompare(y);
         return asc ? c : -c;
       });
       rows.forEach(function(r){body.appendChild(r);});
@@ -744,9 +913,9 @@ document.querySelectorAll('table.sortable').forEach(function(table){
 });
 // a link can carry a sort: page.html#sort=<table id>:<column>[:desc]
 (function(){
-  var m = location.hash.match(/^#sort=([A-Za-z0-9-]+):(\\d+)(:desc)?$/);
+  var m = location.hash.match(/^#sort=([A-Za-z0-9_-]+):(\\d+)(:desc)?$/);
   var table = m && document.getElementById(m[1]);
-  var th = table && table.querySelectorAll('th')[parseInt(m[2], 10)];
+  var th = table && table.querySelectorAll('thead th')[parseInt(m[2], 10)];
   if (th) { th.click(); if (m[3]) th.click(); }
 })();
 """
@@ -759,7 +928,8 @@ def page_html(page: Page) -> str:
         "<title>vpeft leaderboard</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>vpeft leaderboard</h1>",
-        f"<p>{html.escape(page.intro)} Click a column header to sort (again to reverse).</p>",
+        "<div class='intro'>" + "".join(f"<p>{html.escape(line)}</p>" for line in page.intro),
+        "<p>Click a column header to sort (again to reverse); hover a cell for where its number comes from.</p></div>",
     ]
     for title, tables, plots in page.sections:
         ref = title.startswith("Reference")
@@ -776,13 +946,13 @@ def page_html(page: Page) -> str:
     if page.warnings:
         items = "".join(f"<li>{html.escape(w)}</li>" for w in page.warnings)
         parts.append(f'<h2>Warnings</h2><ul class="warn">{items}</ul>')
-    parts.append("<h2>Definitions</h2><ul class='notes'>" + "".join(f"<li>{html.escape(d)}</li>" for d in DEFINITIONS))
-    parts.append(f"</ul><script>{_JS}</script></body></html>\n")
+    parts.append("<h2>Definitions</h2>" + _notes_html(DEFINITIONS))
+    parts.append(f"<script>{_JS}</script></body></html>\n")
     return "\n".join(parts)
 
 
-def methods_markdown(methods: list[MethodCost]) -> str:
-    tables = methods_tables(methods)
+def methods_markdown(methods: pd.DataFrame, out_dir: Path | None = None) -> str:
+    tables = methods_tables(methods, out_dir)
     body = [table_markdown(t, level=2) for t in tables] if tables else ["(no bench records)", ""]
     return "\n".join(["# vpeft methods compared", "", *body])
 
@@ -794,24 +964,24 @@ def write_leaderboard(
     records_dir: str | Path, out_dir: str | Path, bench_dir: str | Path | None = None
 ) -> dict[str, Path]:
     """Read run records (and bench records), write every output into ``out_dir``; return their paths."""
-    from vpeft.bench.record import iter_bench_records
-    from vpeft.results.store import iter_records
+    from vpeft.results.frame import load_bench_records, load_records
 
     records_dir, out_dir = Path(records_dir), Path(out_dir)
     if not records_dir.is_dir():
         raise DataError(
             f"no records folder at {records_dir}; pass the folder run.py writes records to (paths.results, "
-            "default results/runs)"
+            "default outputs/runs)"
         )
     if bench_dir is not None and not Path(bench_dir).is_dir():
         raise DataError(f"no bench folder at {bench_dir}; pass the folder bench-only runs wrote their records to")
-    records = [r for _, r in iter_records(records_dir)]
-    bench = [b for _, b in iter_bench_records(bench_dir)] if bench_dir is not None else []
-    lb = build_leaderboard(records, bench)
+    runs = load_records(records_dir)
+    bench = load_bench_records(bench_dir) if bench_dir is not None else None
+    lb = relative_to(build_leaderboard(runs, bench, bench_dir), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = make_plots(lb, out_dir)
-    methods = methods_table(bench) if bench_dir is not None else None
-    page = build_page(lb, plots, len(records), methods)
+    reference = load_reference()
+    plots = make_plots(lb, out_dir, reference)
+    methods = methods_table(bench) if bench is not None else None
+    page = build_page(lb, plots, runs, methods, out_dir)
     files: dict[str, Callable[[], str]] = {
         "leaderboard.md": lambda: page_markdown(page),
         "leaderboard.csv": lambda: leaderboard_csv(lb),
@@ -819,8 +989,8 @@ def write_leaderboard(
         "leaderboard.html": lambda: page_html(page),
     }
     if methods is not None:
-        files["methods.md"] = lambda: methods_markdown(methods)
-        files["methods.csv"] = lambda: methods_csv(methods)
+        files["methods.md"] = lambda: methods_markdown(methods, out_dir)
+        files["methods.csv"] = lambda: methods_csv(methods, out_dir)
     written = {}
     for name, render in files.items():
         path = out_dir / name
