@@ -319,3 +319,26 @@ def test_load_delta_still_checks_the_architecture(tmp_path):
     other = mark_weights(tiny_timm("vit_tiny_patch16_384"), "timm:timm/vit_tiny_patch16_384.augreg_in21k_ft_in1k")
     with pytest.warns(UserWarning, match="trained on vit_tiny_patch16_224, loading onto vit_tiny_patch16_384"):
         vpeft.load_delta(other, path)
+
+
+def test_git_dirty_means_the_code_not_the_committed_results(tmp_path):
+    """A run writing into the committed results/ folder does not make the next record say 'uncommitted changes';
+    an edited source file does."""
+    import subprocess
+
+    from vpeft.env import git_state
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "r.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    assert git_state(tmp_path)["git_dirty"] is False
+    (tmp_path / "results" / "r.json").write_text('{"a": 1}')
+    assert git_state(tmp_path)["git_dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_state(tmp_path)["git_dirty"] is True

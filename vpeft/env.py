@@ -37,7 +37,8 @@ def device_name(device: torch.device) -> str:
 
 
 def git_state(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The commit and whether tracked files differ from it; None outside a git checkout."""
+    """The commit and whether tracked files other than the committed results (``results/``, which runs may be
+    writing into) differ from it; None outside a git checkout."""
     cwd = Path(path or Path(__file__).resolve().parent)
 
     def git(*args: str) -> str | None:
@@ -50,7 +51,9 @@ def git_state(path: str | os.PathLike | None = None) -> dict[str, Any]:
     sha = git("rev-parse", "HEAD")
     if sha is None:
         return {"git_sha": None, "git_dirty": None}
-    return {"git_sha": sha, "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    top = git("rev-parse", "--show-toplevel")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", top or ".", f":(exclude){top or '.'}/results")
+    return {"git_sha": sha, "git_dirty": bool(changed)}
 
 
 def environment(device: torch.device | None = None) -> dict[str, Any]:
