@@ -21,6 +21,7 @@ VIT_B16 = [
     ("adapter_pfeiffer", {"bottleneck": 8}, 156_768),
     ("prefix", {"num_tokens": 10}, 184_320),
     ("ia3", {}, 55_296),
+    ("dora", {"r": 8}, 313_344),
 ]
 
 
@@ -66,6 +67,10 @@ def closed_form(name: str, kwargs: dict, d: int, depth: int, hidden: int, qkv_bi
         return n * d + (d * h + h) + (h * depth * 2 * d + depth * 2 * d)
     if name == "ia3":  # l_k, l_v (d each) and l_ff (hidden) per block
         return depth * (2 * d + hidden)
+    if name == "dora":  # LoRA's factors plus a magnitude per adapted output row
+        rows = {"q": d, "k": d, "v": d, "proj": d, "fc1": hidden, "fc2": d}
+        targets = kwargs.get("targets", ["q", "v"])
+        return closed_form("lora", kwargs, d, depth, hidden, qkv_bias) + depth * sum(rows[t] for t in targets)
     raise KeyError(name)
 
 
@@ -85,6 +90,8 @@ CASES = [
     ("prefix", {"num_tokens": 7}),
     ("prefix", {"num_tokens": 7, "reparam": True, "reparam_hidden": 16}),
     ("ia3", {}),
+    ("dora", {}),
+    ("dora", {"r": 3, "targets": ["q", "k", "v", "proj", "fc1", "fc2"]}),
 ]
 
 

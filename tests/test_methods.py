@@ -23,8 +23,9 @@ IDENTITY_AT_INIT = {
     "adapter_houlsby": {},
     "adapter_pfeiffer": {},
     "ia3": {},
+    "dora": {"targets": ["q", "k", "v", "proj", "fc1", "fc2"]},
 }
-MERGEABLE = {"linear", "full", "bitfit", "lora", "ssf", "ia3"}
+MERGEABLE = {"linear", "full", "bitfit", "lora", "ssf", "ia3", "dora"}
 
 
 def test_list_methods():
@@ -34,6 +35,7 @@ def test_list_methods():
         "adapter_pfeiffer",
         "adaptformer",
         "bitfit",
+        "dora",
         "full",
         "ia3",
         "linear",
@@ -121,7 +123,7 @@ def test_non_identity_methods_change_outputs(name):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("name", sorted(MERGEABLE))
 def test_merged_equals_unmerged(name, arch):
-    kwargs = IDENTITY_AT_INIT.get(name, {}) if name == "lora" else {}
+    kwargs = IDENTITY_AT_INIT.get(name, {}) if name in ("lora", "dora") else {}
     model = vpeft.apply_method(make_vit(arch), name, **kwargs)
     perturb_delta(model)
     x = tiny_input(model)
@@ -152,7 +154,7 @@ def test_merge_changes_weights_not_structure(name):
 @pytest.mark.parametrize("name", sorted(set(METHODS) - MERGEABLE))
 def test_merge_of_non_mergeable_raises(name, contract_config):
     model = vpeft.apply_method(make_vit(), name, **contract_config(name))
-    with pytest.raises(vpeft.NotMergeableError, match="mergeable methods: bitfit, full, ia3, linear, lora, ssf$"):
+    with pytest.raises(vpeft.NotMergeableError, match=f"mergeable methods: {', '.join(sorted(MERGEABLE))}$"):
         vpeft.merge(model)
 
 

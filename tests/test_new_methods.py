@@ -1,0 +1,65 @@
+"""DoRA, RepAdapter, FacT, Adapter+ and AdaLoRA against direct computations of their papers' definitions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, make_vit, tiny_input
+from test_methods import perturb_delta
+
+import vpeft
+
+D = TINY["embed_dim"]
+HIDDEN = int(D * TINY["mlp_ratio"])
+
+
+def tokens(n: int = 5, seed: int = 7) -> torch.Tensor:
+    return torch.randn(2, n, D, generator=torch.Generator().manual_seed(seed))
+
+
+# -- DoRA (Liu et al., ICML 2024) -------------------------------------------------------------------
+
+
+def dora_weight(w0, a, b, m, scaling):
+    """Eq. (5): W' = m * (W0 + s B A) / ||W0 + s B A||_c, the norm over each output row's inputs."""
+    v = w0 + scaling * b @ a
+    return m.unsqueeze(1) * v / v.norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("arch", ["vit", "no_qkv_bias"])
+def test_dora_matches_the_papers_weight(arch):
+    model = vpeft.apply_method(make_vit(arch), "dora", r=4, alpha=8, targets=["q", "v", "fc1"])
+    qkv = model.blocks[1].attn.qkv
+    # the magnitude starts at ||W0||_c of each adapted row
+    torch.testing.assert_close(qkv.dora.m["v"], qkv.weight[2 * D :].norm(dim=1))
+    perturb_delta(model)
+    x = tokens()
+    w0 = qkv.weight.detach().clone()
+    expected_w = w0.clone()
+    for s, (lo, hi) in {"q": (0, D), "v": (2 * D, 3 * D)}.items():
+        expected_w[lo:hi] = dora_weight(w0[lo:hi], qkv.dora.A[s], qkv.dora.B[s], qkv.dora.m[s], 8 / 4)
+    torch.testing.assert_close(qkv(x), F.linear(x, expected_w, qkv.bias), atol=1e-5, rtol=1e-5)
+    assert torch.equal(expected_w[D : 2 * D], w0[D : 2 * D])  # k untouched
+    fc1 = model.blocks[0].mlp.fc1
+    d = fc1.dora
+    w = dora_weight(fc1.weight, d.A["fc1"], d.B["fc1"], d.m["fc1"], 2.0)
+    torch.testing.assert_close(fc1(x), F.linear(x, w, fc1.bias), atol=1e-5, rtol=1e-5)
+    vpeft.merge(model)
+    torch.testing.assert_close(model.blocks[0].mlp.fc1.weight, w.detach(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("detach_norm", [True, False])
+def test_dora_norm_gradient(detach_norm):
+    """detach_norm (the paper's section 4.3, peft's choice): ||V||_c is a constant in the backward pass."""
+    model = vpeft.apply_method(make_vit(), "dora", r=4, targets=["fc2"], detach_norm=detach_norm)
+    perturb_delta(model)
+    fc2 = model.blocks[0].mlp.fc2
+    d = fc2.dora
+    x = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(3))
+    fc2(x).square().sum().backward()
+    ours = d.B["fc2"].grad.clone()
+    a, b, m = (t.detach().clone().requires_grad_(True) for t in (d.A["fc2"], d.B["fc2"], d.m["fc2"]))
+    v = fc2.weight + d.scaling * b @ a
+    norm = v.norm(dim=1, keepdim=True)
+    w = m.unsqueeze(1) * v / (norm.detach() if detach_norm else norm)
+    F.linear(x, w, fc2.bias).square().sum().backward()
+    torch.testing.assert_close(ours, b.grad, atol=1e-5, rtol=1e-4)
