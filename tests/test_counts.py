@@ -22,6 +22,7 @@ VIT_B16 = [
     ("prefix", {"num_tokens": 10}, 184_320),
     ("ia3", {}, 55_296),
     ("dora", {"r": 8}, 313_344),
+    ("repadapter", {}, 239_808),
 ]
 
 
@@ -71,6 +72,9 @@ def closed_form(name: str, kwargs: dict, d: int, depth: int, hidden: int, qkv_bi
         rows = {"q": d, "k": d, "v": d, "proj": d, "fc1": hidden, "fc2": d}
         targets = kwargs.get("targets", ["q", "v"])
         return closed_form("lora", kwargs, d, depth, hidden, qkv_bias) + depth * sum(rows[t] for t in targets)
+    if name == "repadapter":  # before qkv and fc1: down (d x h + h), group-wise up (d x h / groups + d)
+        h, g = kwargs.get("dim", 8), kwargs.get("groups", 2)
+        return depth * 2 * (d * h + h + d * h // g + d)
     raise KeyError(name)
 
 
@@ -92,6 +96,8 @@ CASES = [
     ("ia3", {}),
     ("dora", {}),
     ("dora", {"r": 3, "targets": ["q", "k", "v", "proj", "fc1", "fc2"]}),
+    ("repadapter", {}),
+    ("repadapter", {"dim": 12, "groups": 4}),
 ]
 
 

@@ -24,8 +24,9 @@ IDENTITY_AT_INIT = {
     "adapter_pfeiffer": {},
     "ia3": {},
     "dora": {"targets": ["q", "k", "v", "proj", "fc1", "fc2"]},
+    "repadapter": {},
 }
-MERGEABLE = {"linear", "full", "bitfit", "lora", "ssf", "ia3", "dora"}
+MERGEABLE = {"linear", "full", "bitfit", "lora", "ssf", "ia3", "dora", "repadapter"}
 
 
 def test_list_methods():
@@ -41,6 +42,7 @@ def test_list_methods():
         "linear",
         "lora",
         "prefix",
+        "repadapter",
         "ssf",
         "vpt_deep",
         "vpt_shallow",

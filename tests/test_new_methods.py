@@ -63,3 +63,46 @@ def test_dora_norm_gradient(detach_norm):
     w = m.unsqueeze(1) * v / (norm.detach() if detach_norm else norm)
     F.linear(x, w, fc2.bias).square().sum().backward()
     torch.testing.assert_close(ours, b.grad, atol=1e-5, rtol=1e-4)
+
+
+# -- RepAdapter (Luo et al., 2023) ------------------------------------------------------------------
+
+
+def repadapter_reference(x, adapter):
+    """The reference code's RepAdapter: x + s * conv_B(conv_A(x)), 1x1 Conv1d, conv_B with ``groups``."""
+    t = x.transpose(1, 2)
+    h = F.conv1d(t, adapter.down.weight.unsqueeze(-1), adapter.down.bias)
+    u = F.conv1d(h, adapter.up_weight.unsqueeze(-1), adapter.up_bias, groups=adapter.groups)
+    return (u * adapter.scale + t).transpose(1, 2)
+
+
+@pytest.mark.parametrize("arch", ["vit", "no_qkv_bias", "dinov2_reg"])
+def test_repadapter_matches_the_reference_code(arch):
+    model = vpeft.apply_method(make_vit(arch), "repadapter", dim=8, groups=2, scale=0.5)
+    perturb_delta(model)
+    x = tokens()
+    for block in model.blocks:
+        for norm, linear in ((block.norm1, block.attn.qkv), (block.norm2, block.mlp.fc1)):
+            plain = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            adapter = norm.repadapter
+            assert adapter.up_weight.shape == (D, 8 // 2)  # group-wise: h / groups inputs per output channel
+            torch.testing.assert_close(norm(x), repadapter_reference(plain, adapter), atol=1e-6, rtol=1e-6)
+    # merging folds each adapter into the layer that reads its output, the norms stay as they were
+    norms = {n: p.clone() for n, p in model.named_parameters() if ".norm" in n and "repadapter" not in n}
+    qkv = model.blocks[0].attn.qkv.weight.clone()
+    ref = model(tiny_input(model))
+    vpeft.merge(model)
+    assert all(torch.equal(p, norms[n]) for n, p in model.named_parameters() if n in norms)
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, qkv)
+    torch.testing.assert_close(model(tiny_input(model)), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_repadapter_hidden_dropout_only_in_training():
+    model = vpeft.apply_method(make_vit(), "repadapter", dropout=0.5)
+    perturb_delta(model)
+    x = tokens()
+    norm = model.blocks[0].norm1
+    model.eval()
+    assert torch.equal(norm(x), norm(x))
+    model.train()
+    assert not torch.equal(norm(x), norm(x))
