@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import vpeft.config  # noqa: E402,F401  (resolvers)
 from vpeft.results import iter_records  # noqa: E402
 from vpeft.run import backbone_id  # noqa: E402
-from vpeft.sweep import select_hparams, write_hparams  # noqa: E402
+from vpeft.sweep import get_path, select_hparams, write_hparams  # noqa: E402
 from vpeft.vtab import TASKS  # noqa: E402
 
 STAGES = ("tune", "select", "final")
@@ -85,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds or ",".join(str(s) for s in cfg.sweep.seeds)
     results = Path(cfg.paths.results)
     backbone = backbone_id(OmegaConf.to_container(cfg.backbone, resolve=True))
-    hparams = Path(cfg.paths.results).parent / "hparams" / backbone / f"{cfg.method.name}.json"
+    # a variant recipe (vtab1k_vpt_deep_adamw) keeps its chosen values apart from the method's own recipe
+    variant = experiment.removeprefix(f"vtab1k_{args.method}") if experiment.startswith(f"vtab1k_{args.method}_") else ""
+    hparams = Path(cfg.paths.results).parent / "hparams" / backbone / f"{cfg.method.name}{variant}.json"
+    recipe = cfg.get("recipe")  # records of another recipe (or of one from before its changes) never count
     base = [sys.executable, str(ROOT / "run.py"), "-m", f"+experiment={experiment}", f"method={args.method}"]
     base.append(f"dataset={args.tasks}")
 
@@ -103,12 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.dry_run:
                 print(f"select: best val200 top-1 per task over {list(grid)} -> {hparams}")
                 continue
-            records = [r for _, r in iter_records(results)]
+            records = [r for _, r in iter_records(results) if get_path(r.get("config") or {}, "recipe") == recipe]
             chosen = select_hparams(records, list(grid), method=cfg.method.name, backbone=backbone)
             chosen = {t: v for t, v in chosen.items() if t in args.tasks.split(",")}
             missing = sorted(set(args.tasks.split(",")) - set(chosen))
             if not chosen:
-                print(f"select: no finished tune runs of {cfg.method.name} on {backbone} under {results}")
+                print(f"select: no finished tune runs of {cfg.method.name} on {backbone} under {results} (recipe {recipe})")
                 return 1
             write_hparams(hparams, chosen, cfg.method.name, backbone, list(grid))
             for task, c in chosen.items():

@@ -22,8 +22,15 @@ SPLITS = ("train800", "val200", "train800val200", "test")
 # protocol -> (split trained on, split evaluated on)
 PROTOCOL_SPLITS = {"tune": ("train800", "val200"), "final": ("train800val200", "test")}
 
-# VPT's per-task prompt lengths (Jia et al., 2022, appendix), used by the VTAB-1k VPT recipes.
-VPT_PROMPT_TOKENS: dict[str, int] = {
+# VPT-deep's per-task prompt lengths on VTAB-1k (ViT-B/16 IN-21k). VPT's paper (Jia et al., ECCV 2022)
+# does not print them: its authors released the per-task values as a spreadsheet instead (github
+# KMnP/vpt README, "Hyperparameters for experiments in paper"; KMnP/vpt issue 4: "cannot fit the
+# table in a page"). This table is VPT-deep's as visinf/adapter_plus (Steitz & Roth, CVPR 2024)
+# configures it (conf/experiment/vtab/vpt.yaml, prompt dropout 0.1); VPT's own repository confirms
+# the three tasks it shows (demo.ipynb, VPT-deep runs: dmlab 100, sun397 5, eurosat 100).
+# VPT-shallow's per-task lengths were not found in any reachable primary source, so the VPT-shallow
+# recipe tunes the length on val200 instead (conf/experiment/vtab1k_vpt_shallow.yaml).
+VPT_DEEP_PROMPT_TOKENS: dict[str, int] = {
     "cifar100": 10,
     "caltech101": 10,
     "dtd": 10,
@@ -44,3 +51,7 @@ VPT_PROMPT_TOKENS: dict[str, int] = {
     "smallnorb_azi": 200,
     "smallnorb_ele": 200,
 }
+# The resolver ${vpeft.vpt_tokens:<task>} (vpeft.config) reads this name: VPT-deep's table.
+VPT_PROMPT_TOKENS = VPT_DEEP_PROMPT_TOKENS
+# The distinct lengths of the VPT-deep table above: the candidates of the VPT-shallow tune grid.
+VPT_PROMPT_LENGTHS: tuple[int, ...] = (1, 5, 10, 50, 100, 200)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 import vpeft
-from vpeft.engine import TrainConfig, train
+from vpeft.engine import TrainConfig, param_groups, train
 from vpeft.errors import ConfigError
 from vpeft.jobs.runner import Context, InputError, Job, Plan, hydra_overrides
 from vpeft.methods import METHODS
@@ -89,6 +89,8 @@ def _check_values(resolved: dict[str, Any]) -> None:
             raise ConfigError(f"optim.{key} must be a finite number >= 0, got {value!r}")
     if not resolved["optim"].get("lr", 1):
         raise ConfigError("optim.lr must be positive, got 0")
+    if not isinstance(resolved["optim"].get("decay_1d", False), bool):
+        raise ConfigError(f"optim.decay_1d must be true or false, got {resolved['optim']['decay_1d']!r}")
 
 
 def seed_everything(seed: int) -> None:
@@ -226,9 +228,11 @@ class TrainJob(Job):
             "trainable_excl_head": count.trainable_excl_head,
             "total": count.total,
         }
-        params = [p for p in model.parameters() if p.requires_grad]
+        optim_cfg = dict(r["optim"])
+        decay_1d = optim_cfg.pop("decay_1d", False)  # vpeft's own field: which tensors decay, not the optimizer's
+        groups = param_groups(model, optim_cfg.get("weight_decay"), decay_1d=decay_1d)
         try:
-            optimizer = instantiate(r["optim"])(params)
+            optimizer = instantiate(optim_cfg)(groups)
         except ValueError as e:  # torch's own checks: "Invalid learning rate: nan" ...
             raise ConfigError(f"optim: {e}; check optim.lr and optim.weight_decay") from None
         logger = ctx.state["logger"] = make_logger(r["logger"], plan.resolved, _run_name(plan))
