@@ -23,6 +23,8 @@ VIT_B16 = [
     ("ia3", {}, 55_296),
     ("dora", {"r": 8}, 313_344),
     ("repadapter", {}, 239_808),
+    ("fact", {}, 21_504),
+    ("fact", {"variant": "tk"}, 13_952),
 ]
 
 
@@ -75,6 +77,11 @@ def closed_form(name: str, kwargs: dict, d: int, depth: int, hidden: int, qkv_bi
     if name == "repadapter":  # before qkv and fc1: down (d x h + h), group-wise up (d x h / groups + d)
         h, g = kwargs.get("dim", 8), kwargs.get("groups", 2)
         return depth * 2 * (d * h + h + d * h // g + d)
+    if name == "fact":  # shared U, V (d x r each); TT: cores per block, TK: a shared r^3 core and P (r x slots)
+        r, m = kwargs.get("rank", 8), hidden // d
+        if kwargs.get("variant", "tt") == "tt":  # q, k, v, o (r x r), fc1 (m r x r), fc2 (r x m r)
+            return 2 * d * r + depth * (4 + 2 * m) * r * r
+        return 2 * d * r + r**3 + r * depth * (4 + 2 * m)
     raise KeyError(name)
 
 
@@ -98,6 +105,8 @@ CASES = [
     ("dora", {"r": 3, "targets": ["q", "k", "v", "proj", "fc1", "fc2"]}),
     ("repadapter", {}),
     ("repadapter", {"dim": 12, "groups": 4}),
+    ("fact", {}),
+    ("fact", {"variant": "tk", "rank": 5}),
 ]
 
 

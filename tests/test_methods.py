@@ -25,8 +25,9 @@ IDENTITY_AT_INIT = {
     "ia3": {},
     "dora": {"targets": ["q", "k", "v", "proj", "fc1", "fc2"]},
     "repadapter": {},
+    "fact": {},
 }
-MERGEABLE = {"linear", "full", "bitfit", "lora", "ssf", "ia3", "dora", "repadapter"}
+MERGEABLE = {"linear", "full", "bitfit", "lora", "ssf", "ia3", "dora", "repadapter", "fact"}
 
 
 def test_list_methods():
@@ -37,6 +38,7 @@ def test_list_methods():
         "adaptformer",
         "bitfit",
         "dora",
+        "fact",
         "full",
         "ia3",
         "linear",

@@ -106,3 +106,63 @@ def test_repadapter_hidden_dropout_only_in_training():
     assert torch.equal(norm(x), norm(x))
     model.train()
     assert not torch.equal(norm(x), norm(x))
+
+
+# -- FacT (Jie and Deng, AAAI 2023) -----------------------------------------------------------------
+
+
+def fact_reference(model, i, x, h):
+    """The reference code's updates (FacT/fact_tt.py, fact_tk.py) of block ``i``'s qkv, proj, fc1, fc2.
+
+    ``x``: tokens [B, N, d] (the input of qkv and proj), ``h``: hidden units [B, N, m d] (fc2's input).
+    Written from the code's forward functions, with the cores of the variant in the code's own form.
+    """
+    f = model.fact
+    r, d, m, s = f.rank, D, HIDDEN // D, model.blocks[i].attn.qkv.fact.scale
+    U = lambda t: t @ f.U.t()  # noqa: E731  (the code's FacTu)
+    V = lambda t: t @ f.V.t()  # noqa: E731  (the code's FacTv)
+    B, N = x.shape[:2]
+    if f.variant == "tt":
+        sites = (model.blocks[i].attn.qkv.fact, model.blocks[i].attn.proj.fact)
+        lin = lambda t, w: t @ w.t()  # noqa: E731  (nn.Linear(dim, dim, bias=False))
+        q, k, v = (V(lin(U(x), getattr(sites[0], n))) for n in "qkv")
+        o = V(lin(U(x), sites[1].o))
+        fc1 = V(lin(U(x), model.blocks[i].mlp.fc1.fact.fc1).reshape(B, N, m, r)).reshape(B, N, m * d)
+        fc2 = V(lin(U(h.reshape(B, N, m, d)).reshape(B, N, m * r), model.blocks[i].mlp.fc2.fact.fc2))
+    else:
+        idx = i * (4 + 2 * m)
+        c = f.C @ f.P[:, idx : idx + 4]
+        q, k, v, o = (V(U(x) @ c[:, :, j]) for j in range(4))
+        c = f.C @ f.P[:, idx + 4 : idx + 4 + 2 * m]
+        c1, c2 = c[:, :, :m].reshape(r, m * r), c[:, :, m:].reshape(r, m * r)
+        fc1 = V((U(x) @ c1).reshape(B, N, m, r)).reshape(B, N, m * d)
+        fc2 = V(U(h.reshape(B, N, m, d)).reshape(B, N, m * r) @ c2.t())
+    return torch.cat([q, k, v], dim=2) * s, o * s, fc1 * s, fc2 * s
+
+
+@pytest.mark.parametrize("variant", ["tt", "tk"])
+def test_fact_matches_the_reference_code(variant):
+    model = vpeft.apply_method(make_vit(), "fact", variant=variant, rank=4, scale=3.0)
+    perturb_delta(model)
+    x = tokens()
+    h = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(8))
+    for i, block in enumerate(model.blocks):
+        dq, do, d1, d2 = fact_reference(model, i, x, h)
+        a, p, f1, f2 = block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2
+        for layer, inp, delta in ((a, x, dq), (p, x, do), (f1, x, d1), (f2, h, d2)):
+            torch.testing.assert_close(layer(inp), F.linear(inp, layer.weight, layer.bias) + delta, atol=1e-5, rtol=1e-5)
+    # the factors are shared: one U and V for the whole model
+    assert {n for n, _ in model.named_parameters() if n.endswith((".U", ".V"))} == {"fact.U", "fact.V"}
+
+
+def test_fact_tk_attention_slices_are_the_papers_tucker_tensor():
+    """FacT-TK: dW = s * C x1 U x2 V x3 P, one slice per matrix, for q, k, v, o in that order per block."""
+    model = vpeft.apply_method(make_vit(), "fact", variant="tk", rank=4, scale=2.0)
+    perturb_delta(model)
+    f = model.fact
+    tensor = 2.0 * torch.einsum("abc,aj,ib,cs->ijs", f.C, f.U, f.V, f.P)  # [d_out, d_in, slots]
+    slots = 4 + 2 * (HIDDEN // D)
+    for i, block in enumerate(model.blocks):
+        want = torch.cat([tensor[:, :, i * slots + j] for j in range(3)])
+        torch.testing.assert_close(block.attn.qkv.fact.delta_weight(), want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(block.attn.proj.fact.delta_weight(), tensor[:, :, i * slots + 3], atol=1e-6, rtol=1e-5)
