@@ -10,6 +10,7 @@ import vpeft
 VIT_B16 = [
     ("bitfit", {}, 102_912),
     ("lora", {"r": 8}, 294_912),
+    ("lora", {"r": 8, "targets": ["qkv"]}, 294_912),  # A 8 x 768 shared, B 2304 x 8: as many as q and v
     ("adaptformer", {"bottleneck": 8}, 156_768),
     ("adaptformer", {"bottleneck": 64}, 1_189_632),
     ("ssf", {}, 205_824),
@@ -25,6 +26,7 @@ VIT_B16 = [
     ("repadapter", {}, 239_808),
     ("fact", {}, 21_504),
     ("fact", {"variant": "tk"}, 13_952),
+    ("adapter_plus", {}, 165_984),
 ]
 
 
@@ -47,7 +49,7 @@ def closed_form(name: str, kwargs: dict, d: int, depth: int, hidden: int, qkv_bi
     if name == "lora":
         r, per = (
             kwargs.get("r", 8),
-            {"q": 2 * d, "k": 2 * d, "v": 2 * d, "proj": 2 * d, "fc1": d + hidden, "fc2": hidden + d},
+            {"q": 2 * d, "k": 2 * d, "v": 2 * d, "qkv": d + 3 * d, "proj": 2 * d, "fc1": d + hidden, "fc2": hidden + d},
         )
         return depth * sum(r * per[t] for t in kwargs.get("targets", ["q", "v"]))
     if name == "adaptformer":
@@ -82,6 +84,9 @@ def closed_form(name: str, kwargs: dict, d: int, depth: int, hidden: int, qkv_bi
         if kwargs.get("variant", "tt") == "tt":  # q, k, v, o (r x r), fc1 (m r x r), fc2 (r x m r)
             return 2 * d * r + depth * (4 + 2 * m) * r * r
         return 2 * d * r + r**3 + r * depth * (4 + 2 * m)
+    if name == "adapter_plus":  # per block: down (d x b + b), up (b x d + d), channel scaling (d)
+        b = kwargs.get("bottleneck", 8)
+        return depth * (2 * d * b + b + d + d)
     raise KeyError(name)
 
 
@@ -89,6 +94,7 @@ CASES = [
     ("bitfit", {}),
     ("lora", {}),
     ("lora", {"r": 3, "targets": ["q", "k", "v", "proj", "fc1", "fc2"]}),
+    ("lora", {"r": 3, "targets": ["qkv", "fc1"]}),
     ("adaptformer", {"bottleneck": 5}),
     ("adaptformer", {"bottleneck": 5, "learnable_scale": True}),
     ("ssf", {}),
@@ -107,6 +113,8 @@ CASES = [
     ("repadapter", {"dim": 12, "groups": 4}),
     ("fact", {}),
     ("fact", {"variant": "tk", "rank": 5}),
+    ("adapter_plus", {}),
+    ("adapter_plus", {"bottleneck": 3}),
 ]
 
 

@@ -35,6 +35,7 @@ def test_list_methods():
         "adapter_fusion",
         "adapter_houlsby",
         "adapter_pfeiffer",
+        "adapter_plus",
         "adaptformer",
         "bitfit",
         "dora",

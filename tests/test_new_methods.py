@@ -166,3 +166,33 @@ def test_fact_tk_attention_slices_are_the_papers_tucker_tensor():
         want = torch.cat([tensor[:, :, i * slots + j] for j in range(3)])
         torch.testing.assert_close(block.attn.qkv.fact.delta_weight(), want, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(block.attn.proj.fact.delta_weight(), tensor[:, :, i * slots + 3], atol=1e-6, rtol=1e-5)
+
+
+# -- Adapter+ (Steitz and Roth, CVPR 2024) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["vit", "dinov2_reg", "avgpool"])
+def test_adapter_plus_matches_the_post_adapter(arch):
+    """The Post-Adapter of the paper's code: x = block(x); x = x + s * (W_up GELU(W_down x + b) + b)."""
+    model = vpeft.apply_method(make_vit(arch), "adapter_plus")
+    perturb_delta(model)
+    bare = make_vit(arch)  # the same frozen backbone
+    x = torch.randn(2, 7, D, generator=torch.Generator().manual_seed(5))
+    for block, plain in zip(model.blocks, bare.blocks):
+        a = block.adapter_plus
+        y = plain(x)
+        expected = y + a.scaling * (F.gelu(y @ a.down.weight.t() + a.down.bias) @ a.up.weight.t() + a.up.bias)
+        torch.testing.assert_close(block(x), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_adapter_plus_init_and_parts():
+    model = vpeft.apply_method(make_vit(), "adapter_plus", bottleneck=4)
+    for block in model.blocks:
+        a = block.adapter_plus
+        assert torch.equal(a.scaling, torch.ones(D))  # channel-wise scaling, starting at one
+        for layer in (a.down, a.up):  # Houlsby init: truncated normal, std 0.01, within two std
+            assert layer.weight.abs().max() <= 0.02 and layer.weight.std() > 0.004
+            assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+        assert not [m for m in a.modules() if isinstance(m, torch.nn.LayerNorm)]  # no norm inside
+        assert a.drop_path.drop_prob == 0.1
+    assert not hasattr(model.blocks[0].attn, "adapter_plus") and not hasattr(model.blocks[0].mlp, "adapter_plus")
