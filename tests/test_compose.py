@@ -378,3 +378,21 @@ def test_missing_delta_file_and_applied_backbone(tmp_path):
     applied = vpeft.apply_method(make_vit(), "lora")
     with pytest.raises(vpeft.VpeftError, match="bare pretrained backbone"):
         compose.task_vector(TaskDelta.from_model(tuned("lora")), applied)
+
+
+def test_lora_qkv_vector_is_one_low_rank_update_of_the_fused_layer():
+    """LoRA on the whole fused qkv (NOAH, peft): W += (alpha / r) B A, A r x d shared, B 3d x r."""
+    model = tuned("lora", r=4, alpha=8.0, targets=["qkv"])
+    v = compose.task_vector(TaskDelta.from_model(model), make_vit())
+    lora = model.blocks[1].attn.qkv.lora
+    f = v.low_rank["blocks.1.attn.qkv.weight"]
+    assert f.rank == 4 and f.shape == (3 * D, D)
+    torch.testing.assert_close(f.dense(), 2.0 * lora.B["qkv"] @ lora.A["qkv"], atol=1e-6, rtol=1e-6)
+    # beside LoRA on the thirds, the sum stays factored: [B_qkv B_qv] [A_qkv; A_qv]
+    other = compose.task_vector(TaskDelta.from_model(tuned("lora", seed=4, r=2)), make_vit())
+    total = compose.add(v, other)
+    assert total.low_rank["blocks.1.attn.qkv.weight"].rank == 4 + 2 * 2
+    dense = compose.add(*(compose.task_vector(TaskDelta.from_model(m), make_vit(), factored=False)
+                          for m in (model, tuned("lora", seed=4, r=2))))  # fmt: skip
+    for n, t in dense.tensors.items():
+        torch.testing.assert_close(total.dense_tensors()[n], t, atol=1e-6, rtol=1e-5)

@@ -262,3 +262,30 @@ def test_bf16_autocast_keeps_the_backbones_dtypes(name, contract_config):
     bare = dtypes(make_vit())
     tuned = dtypes(vpeft.apply_method(make_vit(), name, **contract_config(name)))
     assert {n: tuned[n] for n in bare if n in tuned} == {n: bare[n] for n in bare if n in tuned}
+
+
+def test_lora_qkv_is_one_low_rank_update_of_the_fused_layer():
+    """targets [qkv]: x @ (W + (alpha / r) B A)^T + b on the fused attn.qkv, A r x d shared by q, k and v."""
+    torch.manual_seed(0)
+    model = vpeft.apply_method(make_vit(), "lora", r=4, alpha=8.0, targets=["qkv"])
+    perturb_delta(model, 1)
+    qkv = model.blocks[0].attn.qkv
+    a, b, lora_cls = qkv.lora.A["qkv"], qkv.lora.B["qkv"], type(qkv.lora)
+    d = qkv.in_features
+    assert a.shape == (4, d) and b.shape == (3 * d, 4) and set(qkv.lora.A) == {"qkv"}
+    x = torch.randn(2, 5, d)
+    with torch.no_grad():
+        expected = x @ (qkv.weight + 2.0 * b @ a).T + qkv.bias
+        torch.testing.assert_close(qkv(x), expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(qkv(x)[..., d : 2 * d], x @ qkv.weight[d : 2 * d].T + qkv.bias[d : 2 * d])  # k moves too
+        inp = tiny_input(model)
+        before = model.eval()(inp)
+        vpeft.merge(model)
+        assert not any(isinstance(m, lora_cls) for m in model.modules())
+        torch.testing.assert_close(model(inp), before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets", [["qkv", "q"], ["v", "qkv"], ["qkv", "k", "fc1"]])
+def test_lora_qkv_cannot_be_combined_with_its_thirds(targets):
+    with pytest.raises(vpeft.ConfigError, match="cannot combine qkv"):
+        vpeft.apply_method(make_vit(), "lora", targets=targets)

@@ -1,4 +1,5 @@
-"""The 19 VTAB-1k task names: a task folder when one exists, else torchvision where it can build the task."""
+"""The 19 VTAB-1k task names: a task folder when one exists, else torchvision where it can build the task
+(dsprites_loc and dsprites_ori: else the official npz, else regenerated; see vpeft.data.dsprites)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 from pathlib import Path
 
 from vpeft.data.base import DATASETS, Request, Resolved, layout
+from vpeft.data.dsprites import TASKS as DSPRITES_TASKS
+from vpeft.data.dsprites import resolve_dsprites
 from vpeft.data.folder import resolve_folder
 from vpeft.data.torchvision_tasks import TASKS, resolve_torchvision
 from vpeft.errors import DataError
@@ -55,5 +58,6 @@ def resolve_vtab(name: str, req: Request) -> Resolved:
     )
 
 
-for _task in VTAB_TASKS:
-    DATASETS.register(_task)(functools.partial(resolve_vtab, _task))
+for _task in VTAB_TASKS:  # dSprites: the official npz, a task folder, or regenerated (vpeft.data.dsprites)
+    _resolver = resolve_dsprites if _task in DSPRITES_TASKS else resolve_vtab
+    DATASETS.register(_task)(functools.partial(_resolver, _task))
