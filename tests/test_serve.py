@@ -423,3 +423,26 @@ def test_bench_serve_quick(tmp_path):
     assert all(m["bank_bytes"] <= m["payload_bytes"] for m in memory)
     assert result["targets"] and "progress" not in proc.stderr
     assert "[mixed]" in proc.stdout
+
+
+@pytest.mark.parametrize("strategy", ["gather", "segment"])
+def test_lora_on_the_fused_qkv_serves_beside_lora_on_its_thirds(strategy, tmp_path):
+    configs = [
+        {"r": 4, "targets": ["qkv"]},  # one shared A over the fused layer (NOAH's, peft's LoRA)
+        {"r": 8, "alpha": 16.0, "targets": ["q", "k", "v", "fc1"]},  # the thirds, each its own A
+        {"r": 2, "alpha": 4.0, "targets": ["qkv", "proj"]},
+    ]
+    files = [
+        vpeft.save_delta(task_model("lora", "vit", t, c), tmp_path / f"task{t}.safetensors")
+        for t, c in enumerate(configs)
+    ]
+    model = MultiDeltaModel.from_files(make_vit("vit"), files, strategy=strategy)
+    x = tiny_input(make_vit("vit"), batch=len(MIXED))
+    refs = {t: reference(files[t], "vit", t, x) for t in range(3)}
+    with torch.no_grad():
+        assert_rows_match(model(x, MIXED), MIXED, refs)
+        unmerged = model(x, 2)
+        model.merge(2)  # folds B A of the shared-A update into all of attn.qkv's rows
+        torch.testing.assert_close(model(x, 2), unmerged, atol=ATOL, rtol=RTOL)
+        model.unmerge()
+        assert_rows_match(model(x, MIXED), MIXED, refs)

@@ -1,4 +1,13 @@
-"""LoRA on timm ViTs: low-rank updates of q and v inside the fused qkv layer by default."""
+"""LoRA on timm ViTs: low-rank updates of q and v inside the fused qkv layer by default.
+
+Two ways to adapt attention's fused ``attn.qkv`` (one Linear d -> 3d in timm):
+
+* ``q``, ``k``, ``v``: the paper's (Hu et al., 2022) separate updates of the thirds, each with its
+  own A (r x d) and B (d x r); ``[q, v]`` leaves k untouched.
+* ``qkv``: one update of the whole fused layer with a shared A (r x d) and B (3d x r), the variant
+  NOAH's LoRA row and Hugging Face peft (``target_modules=["qkv"]``) train; it adapts k too and
+  has d x r fewer parameters per block than ``[q, k, v]``. It cannot be combined with q, k or v.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ TARGETS: dict[str, tuple[str, int | None]] = {
     "q": ("attn.qkv", 0),
     "k": ("attn.qkv", 1),
     "v": ("attn.qkv", 2),
+    "qkv": ("attn.qkv", None),  # the whole fused layer, one shared A
     "proj": ("attn.proj", None),
     "fc1": ("mlp.fc1", None),
     "fc2": ("mlp.fc2", None),
@@ -37,6 +47,12 @@ class LoRAConfig(MethodConfig):
         check(len(set(self.targets)) == len(self.targets), f"lora targets repeat a name: {list(self.targets)}")
         for t in self.targets:
             check(t in TARGETS, f"unknown lora target {t!r}; valid targets: {', '.join(TARGETS)}")
+        thirds = [t for t in self.targets if t in ("q", "k", "v")]
+        check(
+            "qkv" not in self.targets or not thirds,
+            f"lora targets cannot combine qkv (one update of the whole fused attn.qkv) with {', '.join(thirds)} "
+            "(updates of its thirds): choose [qkv] or any of q, k, v",
+        )
 
 
 @register("lora")

@@ -280,6 +280,18 @@ def failures_table(lb: Leaderboard) -> Table:
     return _table("failed", "Runs that did not finish (never averaged)", cells)
 
 
+def _text(value: Any) -> str:
+    return "" if _na(value) else str(value)
+
+
+def _stated(r: pd.Series) -> str:
+    """The source's own overall average and which one it is, e.g. ``75.6 (mean of group means)``."""
+    value, kind = r.get("stated_average"), _text(r.get("average"))
+    if value is None or _na(value):
+        return kind if kind in ("none stated", "not checked") else ""
+    return f"{float(value):g} ({kind})" if kind else f"{float(value):g}"
+
+
 def reference_tables(ref: pd.DataFrame) -> list[Table]:
     summary = [
         {
@@ -289,16 +301,23 @@ def reference_tables(ref: pd.DataFrame) -> list[Table]:
             "mean of group means": _num(r["mean_of_groups"], ".2f"),
             "params (M)": _params(r["params_m"]),
             "PPT": _num(r["ppt"], ".2f"),
+            "stated average": _stated(r),
+            "data copy": _text(r.get("data_copy")),
+            "epoch": _text(r.get("epoch_selection")),
+            "variant": _text(r.get("variant")),
             "source": r["source"],
         }
         for _, r in ref.iterrows()
     ]
     tasks = [{"method": r["method"], **{SHORT.get(t, t): _num(r[t], ".1f") for t in TASKS}} for _, r in ref.iterrows()]
     note = (
-        "Numbers as the papers print them (per-task top-1, %); the means are computed from them by the same "
-        "code as the rows above. Several are best test accuracy over epochs, and recipes differ between "
-        "papers: compare with care. Houlsby and Pfeiffer adapters, prefix tuning and IA3 have no row: no primary "
-        "source of theirs has been checked (vpeft/results/reference/README.md)."
+        "Numbers as their sources print them (per-task top-1, %); the means are computed from them by the same "
+        "code as the rows above; 'stated average' is the one the source prints (and which average it is), "
+        "'epoch' says whether a row is the last epoch or the best test accuracy over epochs (selected on the "
+        "test set), 'data copy' which copy of VTAB-1k it was measured on (TFDS or NOAH's JPEGs: the copy alone "
+        "moves CIFAR-100 by about 10 points). Recipes differ between papers: compare with care. Rows that could not "
+        "be checked at a primary source (Adapter+, RepAdapter's paper, DoRA, prefix tuning, IA3) have none "
+        "(vpeft/results/reference/README.md)."
     )
     return [
         _table("published-summary", f"{REFERENCE_LABEL}: VTAB-1k, {REFERENCE_BACKBONE}", summary, [note]),

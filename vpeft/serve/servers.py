@@ -257,6 +257,7 @@ class LoRAServer(Server):
                 if path.endswith("qkv"):
                     size = host.out_features // 3
                     segments = {s: (j * size, (j + 1) * size) for j, s in enumerate("qkv")}
+                    segments["qkv"] = (0, host.out_features)  # the target qkv: the whole fused layer
                 else:
                     segments = {path.rsplit(".", 1)[1]: (0, host.out_features)}
                 site = self._add_site(path, LoRASite(self.router, segments), hook_on=host)
