@@ -371,11 +371,21 @@ def bench_command(record: pd.Series, size: Any, device: Any, bench_dir: str | Pa
 # -- the published reference block -----------------------------------------------------------------
 
 
+# what every published row says besides its numbers (vpeft/results/reference/README.md)
+REFERENCE_FIELDS = ("source", "family", "variant", "data_copy", "epoch_selection", "average")
+EPOCH_SELECTIONS = ("last epoch", "best test epoch", "not checked")
+AVERAGES = ("mean of group means", "mean of 19 tasks", "none stated", "not checked")
+
+
 def load_reference() -> pd.DataFrame:
-    """The published ViT-B/16 (IN-21k) VTAB-1k numbers shipped with vpeft, one row per method, with
-    the same VTAB means and PPT as our rows (computed by the same code from the per-task numbers)."""
+    """The published ViT-B/16 (IN-21k) VTAB-1k numbers shipped with vpeft, one row per (method, source),
+    with the same VTAB means and PPT as our rows (computed by the same code from the per-task numbers),
+    and each row's source, data copy, variant, epoch selection and stated average as the file gives them."""
     text = files("vpeft.results").joinpath("reference", REFERENCE_FILE).read_text()
     ref = pd.read_csv(io.StringIO(text))
+    missing = [c for c in REFERENCE_FIELDS if c not in ref.columns or ref[c].isna().any()]
+    if missing or ref["method"].duplicated().any():
+        raise ValueError(f"{REFERENCE_FILE}: every row needs a unique method and {', '.join(REFERENCE_FIELDS)}")
     ref = ref.join(vtab_means(ref[list(TASKS)]))
     ref["params_m"] = ref["params_M_excl_head"].astype(float)
     ref["ppt"] = ppt_score(ref["mean19"], ref["params_m"] * 1e6)
