@@ -26,6 +26,8 @@ def readme() -> str:
 
 
 def test_every_row_carries_source_data_copy_variant_epoch_and_average():
+    from vpeft.methods import METHODS
+
     rows = raw_rows()
     assert len({r["method"] for r in rows}) == len(rows)  # one name per (method, source)
     for r in rows:
@@ -34,6 +36,7 @@ def test_every_row_carries_source_data_copy_variant_epoch_and_average():
         assert r["epoch_selection"] in EPOCH_SELECTIONS, r["method"]
         assert r["average"] in AVERAGES, r["method"]
         assert r["data_copy"].split(" (")[0] in ("TFDS", "NOAH JPEG copy", "PETL_Vision processed copy"), r["method"]
+        assert r["family"] in METHODS, r["method"]  # the vpeft method the row compares with
         assert all(r[t].strip() for t in TASKS), r["method"]  # 19 per-task numbers, no gaps
         assert all(0.0 <= float(r[t]) <= 100.0 for t in TASKS), r["method"]
         if r["stated_average"]:
@@ -51,7 +54,7 @@ def test_the_data_copy_and_variant_of_the_rows_the_literature_mixes():
     petl = ref[ref.index.str.endswith("[PETL_Vision]")]
     assert len(petl) >= 10 and set(petl["epoch_selection"]) == {"last epoch"}
     assert petl["source"].str.contains("OSU-MLB/PETL_Vision").all()
-    for family in ("lora", "adaptformer", "ssf", "repadapter", "fact_tk", "fact_tt", "adapter_houlsby"):
+    for family in ("lora", "adaptformer", "ssf", "repadapter", "fact", "adapter_houlsby", "adapter_pfeiffer"):
         assert family in set(petl["family"]), family
 
 
@@ -74,7 +77,8 @@ def test_fact_rows_are_fact_table_1():
     ref = load_reference().set_index("method")
     tk = ref.loc["fact_tk_r32"]
     assert [tk[t] for t in GROUPS["natural"]] == [70.6, 90.6, 70.8, 99.1, 90.7, 88.6, 54.1]
-    assert tk["params_m"] == 0.069 and "Table 1" in tk["source"] and tk["family"] == "fact_tk"
+    assert tk["params_m"] == 0.069 and "Table 1" in tk["source"] and tk["family"] == "fact"
+    assert tk["variant"].startswith("FacT-TK") and ref.loc["fact_tt_r16", "variant"].startswith("FacT-TT")
     assert ref.loc["fact_tt_r16", "stated_average"] == 75.3
 
 
