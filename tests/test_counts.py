@@ -27,6 +27,7 @@ VIT_B16 = [
     ("fact", {}, 21_504),
     ("fact", {"variant": "tk"}, 13_952),
     ("adapter_plus", {}, 165_984),
+    ("adalora", {}, 1_991_520),
 ]
 
 
@@ -87,6 +88,10 @@ def closed_form(name: str, kwargs: dict, d: int, depth: int, hidden: int, qkv_bi
     if name == "adapter_plus":  # per block: down (d x b + b), up (b x d + d), channel scaling (d)
         b = kwargs.get("bottleneck", 8)
         return depth * (2 * d * b + b + d + d)
+    if name == "adalora":  # P (out x r), lambda (r), Q (r x in) per adapted matrix at init_r (pruning masks)
+        r = kwargs.get("init_r", 12)
+        per = {"q": 2 * d, "k": 2 * d, "v": 2 * d, "proj": 2 * d, "fc1": d + hidden, "fc2": hidden + d}
+        return depth * sum(r * (per[t] + 1) for t in kwargs.get("targets", list(per)))
     raise KeyError(name)
 
 
@@ -115,6 +120,8 @@ CASES = [
     ("fact", {"variant": "tk", "rank": 5}),
     ("adapter_plus", {}),
     ("adapter_plus", {"bottleneck": 3}),
+    ("adalora", {}),
+    ("adalora", {"init_r": 3, "target_r": 2, "targets": ["q", "v"]}),
 ]
 
 

@@ -26,12 +26,14 @@ IDENTITY_AT_INIT = {
     "dora": {"targets": ["q", "k", "v", "proj", "fc1", "fc2"]},
     "repadapter": {},
     "fact": {},
+    "adalora": {},
 }
-MERGEABLE = {"linear", "full", "bitfit", "lora", "ssf", "ia3", "dora", "repadapter", "fact"}
+MERGEABLE = {"linear", "full", "bitfit", "lora", "ssf", "ia3", "dora", "repadapter", "fact", "adalora"}
 
 
 def test_list_methods():
     assert METHODS == [
+        "adalora",
         "adapter_fusion",
         "adapter_houlsby",
         "adapter_pfeiffer",

@@ -196,3 +196,102 @@ def test_adapter_plus_init_and_parts():
         assert not [m for m in a.modules() if isinstance(m, torch.nn.LayerNorm)]  # no norm inside
         assert a.drop_path.drop_prob == 0.1
     assert not hasattr(model.blocks[0].attn, "adapter_plus") and not hasattr(model.blocks[0].mlp, "adapter_plus")
+
+
+# -- AdaLoRA (Zhang et al., ICLR 2023) ------------------------------------------------------------
+
+
+def test_adalora_update_is_p_diag_lambda_q():
+    """Eq. (1): W = W0 + P diag(lambda) Q (times alpha / r) on each adapted matrix, k untouched here."""
+    model = vpeft.apply_method(make_vit(), "adalora", init_r=5, target_r=2, alpha=10.0, targets=["q", "v", "fc2"])
+    u = model.blocks[0].attn.qkv.adalora
+    assert torch.equal(u.E["q"], torch.zeros(5))  # lambda starts at zero, P and Q Gaussian
+    assert 0.01 < u.P["q"].std() < 0.03 and 0.01 < u.Q["v"].std() < 0.03
+    perturb_delta(model)
+    qkv = model.blocks[0].attn.qkv
+    x = tokens()
+    w = qkv.weight.detach().clone()
+    for s, (lo, hi) in {"q": (0, D), "v": (2 * D, 3 * D)}.items():
+        w[lo:hi] += u.P[s] @ torch.diag(u.E[s]) @ u.Q[s] * (10.0 / 5)
+    torch.testing.assert_close(qkv(x), F.linear(x, w, qkv.bias), atol=1e-5, rtol=1e-5)
+    assert torch.equal(w[D : 2 * D], qkv.weight[D : 2 * D])
+
+
+def test_adalora_orthogonality_regulariser():
+    """gamma * mean over every P and Q of ||P^T P - I||_F and ||Q Q^T - I||_F (the reference code, peft)."""
+    model = vpeft.apply_method(make_vit(), "adalora", init_r=3, target_r=2, orth_reg_weight=0.3, targets=["k", "fc1"])
+    perturb_delta(model)
+    terms = []
+    for block in model.blocks:
+        for u, s in ((block.attn.qkv.adalora, "k"), (block.mlp.fc1.adalora, "fc1")):
+            terms.append((u.Q[s] @ u.Q[s].t() - torch.eye(3)).norm())
+            terms.append((u.P[s].t() @ u.P[s] - torch.eye(3)).norm())
+    reg = vpeft.applied_method(model).regularization(model)
+    torch.testing.assert_close(reg, 0.3 * torch.stack(terms).mean())
+    reg.backward()
+    assert model.blocks[0].attn.qkv.adalora.P["k"].grad is not None
+
+
+def test_adalora_importance_and_budget():
+    """Eqs. (8)-(11): smoothed sensitivity times uncertainty, triplet scores, the cubic budget, masking."""
+    model = vpeft.apply_method(
+        make_vit(), "adalora", init_r=4, target_r=2, targets=["q", "fc2"], tinit=1, tfinal=2, deltaT=1, beta1=0.7, beta2=0.6
+    )
+    method = vpeft.applied_method(model)
+    perturb_delta(model)
+    layers = [(u, s) for b in model.blocks for u, s in ((b.attn.qkv.adalora, "q"), (b.mlp.fc2.adalora, "fc2"))]
+    params = [p for u, s in layers for p in (u.P[s], u.E[s], u.Q[s])]
+    g = torch.Generator().manual_seed(0)
+    avg = [torch.zeros_like(p) for p in params]
+    unc = [torch.zeros_like(p) for p in params]
+    total = 10
+    init_bgt, target_bgt = 4 * 6, 2 * 6
+    for step in range(1, 4):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, generator=g)
+            ipt = (p * p.grad).abs().detach()
+            avg[i] = 0.7 * avg[i] + 0.3 * ipt
+            unc[i] = 0.6 * unc[i] + 0.4 * (ipt - avg[i]).abs()
+        before = [u.E[s].detach().clone() for u, s in layers]
+        method.on_step(model, step, total)
+        budget = init_bgt if step <= 1 else int((init_bgt - target_bgt) * (1 - (step - 1) / (total - 2 - 1)) ** 3 + target_bgt)
+        assert method.budget_schedule(step, total, init_bgt, target_bgt)[0] == budget
+        score = [avg[i] * unc[i] for i in range(len(params))]
+        triplet = torch.cat([score[3 * j + 1] + score[3 * j + 2].mean(1) + score[3 * j].mean(0) for j in range(len(layers))])
+        keep = torch.zeros_like(triplet, dtype=torch.bool)
+        keep[triplet.argsort(descending=True)[:budget]] = True
+        expected = torch.cat(before) * keep
+        assert torch.equal(torch.cat([u.E[s] for u, s in layers]), expected), step
+        assert int(keep.sum()) == budget and sum(method.ranks(model).values()) <= budget
+    # the final pattern: fixed at total - tfinal, re-applied afterwards
+    method.on_step(model, total - 2, total)
+    assert sum(int(v.sum()) for v in method.rank_pattern.values()) == target_bgt
+    assert sum(method.ranks(model).values()) <= target_bgt
+    pattern = {k: v.clone() for k, v in method.rank_pattern.items()}
+    with torch.no_grad():
+        for u, s in layers:
+            u.E[s].fill_(1.0)
+    method.on_step(model, total - 1, total)
+    assert {k: int(v.sum()) for k, v in pattern.items()} == method.ranks(model)
+
+
+def test_adalora_in_the_training_loop():
+    """The loop adds the regulariser to the loss and calls the allocation after every optimizer step."""
+    from vpeft.engine.loop import TrainConfig, train
+
+    model = vpeft.apply_method(make_vit(), "adalora", init_r=3, target_r=1, tinit=1, tfinal=2)
+    method = vpeft.applied_method(model)
+    calls = []
+    on_step, regularization = method.on_step, method.regularization
+    method.on_step = lambda m, step, total: (calls.append((step, total)), on_step(m, step, total))
+    method.regularization = lambda m: (calls.append("reg"), regularization(m))[1]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (16, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 5, (16,), generator=g)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    cfg = TrainConfig(epochs=3, batch_size=8, progress=False, warmup_epochs=0)
+    train(model, images, labels, images, labels, opt, cfg, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"))
+    assert [c for c in calls if c != "reg"] == [(s, 6) for s in range(1, 7)]
+    assert calls.count("reg") == 6
+    assert sum(method.ranks(model).values()) == 1 * len(method.triplet_scores(model))

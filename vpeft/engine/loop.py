@@ -220,6 +220,8 @@ def train(
     history: list[EpochStats] = []
     best: tuple[float, int] | None = None
     step = 0
+    total_steps = cfg.epochs * steps_per_epoch
+    method = getattr(model, "vpeft_method", None)  # the applied method's training hooks (vpeft.methods._base)
     model.train()
     bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not cfg.progress, dynamic_ncols=True)
     _sync(device)
@@ -236,12 +238,15 @@ def train(
             with autocast(amp, device):
                 logits = forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            reg = method.regularization(model) if method is not None else None
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if reg is None else loss + reg).backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             step += 1
+            if method is not None:
+                method.on_step(model, step, total_steps)  # gradients still present
             scheduler.step_update(step)
             loss_sum += loss.detach().double() * len(idx)
         epoch_loss = loss_sum.item() / n  # the one host sync of the epoch

@@ -77,6 +77,16 @@ class Method:
         """
         return tensors, self.config_dict()
 
+    def regularization(self, model: nn.Module) -> torch.Tensor | None:
+        """An extra term the training loop adds to each step's task loss (AdaLoRA's); None: none."""
+        return None
+
+    def on_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called by the training loop after each optimizer step, gradients still present.
+
+        ``step`` counts the optimizer steps done (1 after the first), ``total_steps`` those of the run.
+        """
+
     def merge(self, model: nn.Module) -> None:
         """Fold the delta into the frozen weights and remove the delta modules."""
         raise NotMergeableError(
