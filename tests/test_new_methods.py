@@ -295,3 +295,16 @@ def test_adalora_in_the_training_loop():
     assert [c for c in calls if c != "reg"] == [(s, 6) for s in range(1, 7)]
     assert calls.count("reg") == 6
     assert sum(method.ranks(model).values()) == 1 * len(method.triplet_scores(model))
+
+
+# -- serving: refused by name, with what to do instead ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["dora", "repadapter", "fact", "adapter_plus", "adalora"])
+def test_serve_refuses_the_new_methods_clearly(name, tmp_path):
+    from vpeft.serve import MultiDeltaModel, NotServableError
+
+    path = vpeft.save_delta(vpeft.apply_method(make_vit(), name), tmp_path / f"{name}.safetensors")
+    hint = "per-sample implementation of its post-block adapter" if name == "adapter_plus" else "vpeft.merge folds it"
+    with pytest.raises(NotServableError, match=f"{name} delta.*{hint}.*servable methods: adapter_houlsby"):
+        MultiDeltaModel.from_files(make_vit(), [path])

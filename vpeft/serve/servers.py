@@ -46,6 +46,9 @@ SERVERS: dict[str, type[Server]] = {}
 
 # why a registered method has no server (anything else unlisted: no per-sample implementation yet)
 NOT_SERVABLE = {"full": "its delta is every weight of the backbone, so no two tasks can share one"}
+_MERGE_INSTEAD = "vpeft.serve has no per-sample implementation of it yet; vpeft.merge folds it into a per-task model"
+NOT_SERVABLE |= {name: _MERGE_INSTEAD for name in ("adalora", "dora", "fact", "repadapter")}
+NOT_SERVABLE["adapter_plus"] = "vpeft.serve has no per-sample implementation of its post-block adapter yet"
 
 
 def serves(name: str):
