@@ -74,7 +74,7 @@ def closed_form(name: str, kwargs: dict, d: int, depth: int, hidden: int, qkv_bi
     if name == "ia3":  # l_k, l_v (d each) and l_ff (hidden) per block
         return depth * (2 * d + hidden)
     if name == "dora":  # LoRA's factors plus a magnitude per adapted output row
-        rows = {"q": d, "k": d, "v": d, "proj": d, "fc1": hidden, "fc2": d}
+        rows = {"q": d, "k": d, "v": d, "qkv": 3 * d, "proj": d, "fc1": hidden, "fc2": d}
         targets = kwargs.get("targets", ["q", "v"])
         return closed_form("lora", kwargs, d, depth, hidden, qkv_bias) + depth * sum(rows[t] for t in targets)
     if name == "repadapter":  # before qkv and fc1: down (d x h + h), group-wise up (d x h / groups + d)
@@ -114,6 +114,7 @@ CASES = [
     ("ia3", {}),
     ("dora", {}),
     ("dora", {"r": 3, "targets": ["q", "k", "v", "proj", "fc1", "fc2"]}),
+    ("dora", {"r": 3, "targets": ["qkv", "fc2"]}),
     ("repadapter", {}),
     ("repadapter", {"dim": 12, "groups": 4}),
     ("fact", {}),
