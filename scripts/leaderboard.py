@@ -1,11 +1,12 @@
 """Render the leaderboard (Markdown, CSV, LaTeX, HTML, plots) from a folder of run records.
 
-    python scripts/leaderboard.py results/runs --out results/leaderboard [--bench results/bench]
+    python scripts/leaderboard.py results/runs --out results/leaderboard [--bench results/bench] [--merges results/merges]
 
 The outputs are a pure function of the records and the folders named: the same records give
 byte-identical files. With --bench, bench records supply latency where the runs have none and the
 backbone, method config, input size, device and dtype all match, and methods.md / methods.csv put
-every benchmarked method's costs side by side. In a notebook: ``vpeft.results.load_records(folder)``.
+every benchmarked method's costs side by side. With --merges, a composition section (and
+composition.csv) puts each method's merged deltas and AdapterFusion beside its deltas alone. In a notebook: ``vpeft.results.load_records(folder)``.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("records", type=Path, help="folder of run records (JSON), e.g. results/runs")
     parser.add_argument("--out", type=Path, default=Path("results/leaderboard"), help="output folder")
     parser.add_argument("--bench", type=Path, default=None, help="folder of bench records for the methods table")
+    parser.add_argument("--merges", type=Path, default=None, help="folder of merge records for the composition section")
     args = parser.parse_args(argv)
     try:
-        written = write_leaderboard(args.records, args.out, args.bench)
+        written = write_leaderboard(args.records, args.out, args.bench, args.merges)
     except VpeftError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -100,3 +100,55 @@ def test_an_unknown_job_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_inproc(tmp_path, *TINY, "job=nosuch")
     assert e.value.code == 2 and "jobs: train, merge" in capsys.readouterr().err
+
+
+def test_leaderboard_composition_section_from_merge_records_and_fusion_runs(pool, tmp_path):
+    """Method x algorithm from the merge records, AdapterFusion from its runs normalized by each task's own
+    adapter, parameters from the deltas' run records: every number against the records it comes from."""
+    import pandas as pd
+
+    from vpeft.results.render import write_leaderboard
+    from vpeft.results.store import iter_records
+
+    tmp, tasks = pool
+    ta = merge(tmp, tasks, "merge=task_arithmetic", "merge.grid.lam=[0.0,1.0]")
+    merge(tmp, tasks, "merge=negation", "merge.grid.lam=[0.5,1.0]")
+    adapters = {}
+    for task in tasks:
+        root = task.split(":", 1)[1]
+        for protocol in ("tune", "final"):
+            rec = run_inproc(tmp, *TINY, "method=adapter_pfeiffer", "dataset=folder", f"dataset.root={root}",
+                             f"protocol={protocol}")  # fmt: skip
+            assert rec["status"] == "ok"
+        adapters[root] = rec
+    files = [str(p.with_suffix(".safetensors")) for p, r in iter_records(tmp / "runs")
+             if r["method"] == "adapter_pfeiffer" and r["protocol"] == "final"]  # fmt: skip
+    assert len(files) == 2
+    fused = {}
+    for root in adapters:
+        fused[root] = run_inproc(tmp, *TINY, "method=adapter_fusion", f"method.adapters=[{','.join(files)}]",
+                                 "dataset=folder", f"dataset.root={root}", "protocol=final")  # fmt: skip
+        assert fused[root]["status"] == "ok"
+
+    out = tmp_path / "lb"
+    written = write_leaderboard(tmp / "runs", out, merges_dir=tmp / "merges")
+    comp = pd.read_csv(written["composition.csv"])
+    row = comp[(comp["method"] == "lora") & (comp["algorithm"] == "task_arithmetic")].iloc[0]
+    assert row["top1"] == pytest.approx(ta["metrics"]["mean_top1"], abs=1e-4)
+    assert row["normalized"] == pytest.approx(100 * ta["metrics"]["mean_normalized"], abs=1e-4)
+    assert row["individual_top1"] == pytest.approx(ta["metrics"]["mean_individual_top1"], abs=1e-4)
+    lora_final = [r for _, r in iter_records(tmp / "runs") if r["method"] == "lora" and r["protocol"] == "final"]
+    assert row["params"] == lora_final[0]["params"]["trainable_excl_head"]
+    assert "negation" not in set(comp["algorithm"])  # forgetting is its own table
+    fusion = comp[comp["algorithm"] == "AdapterFusion"].iloc[0]
+    assert fusion["method"] == "adapter_pfeiffer" and fusion["n_tasks"] == 2
+    by_hand = [100 * fused[r]["metrics"]["top1"] / adapters[r]["metrics"]["top1"] for r in adapters]
+    assert fusion["normalized"] == pytest.approx(sum(by_hand) / 2, abs=1e-4)
+    assert fusion["top1"] == pytest.approx(sum(fused[r]["metrics"]["top1"] for r in adapters) / 2, abs=1e-4)
+    md = written["leaderboard.md"].read_text()
+    assert "## Composition (merge records, AdapterFusion runs)" in md and "Negation: forgetting one task" in md
+    assert f"{ta['metrics']['mean_top1']:.1f} ({100 * ta['metrics']['mean_normalized']:.0f}%)" in md
+    assert any(name.startswith("composition_") and name.endswith(".png") for name in written)  # lora and fusion
+    # a missing merges folder is a named error
+    with pytest.raises(Exception, match="no merges folder"):
+        write_leaderboard(tmp / "runs", out, merges_dir=tmp / "nosuch")

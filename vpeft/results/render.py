@@ -411,6 +411,85 @@ def _methods_notes(rows: pd.DataFrame) -> list[str]:
     return notes
 
 
+# -- composition (merge records and AdapterFusion runs) --------------------------------------------
+
+COMPOSITION_NOTES = [
+    "A cell: mean over the pool's tasks of the merged model's top-1 (each task evaluated with its own head), and "
+    "in brackets the mean normalized accuracy, merged / the task's own delta (%). 'own deltas': the mean top-1 of "
+    "each task's delta alone. Coefficients chosen on each task's val200 split with the tune runs' deltas, never "
+    "on test.",
+    "Weight space: the change a delta makes to the backbone's weights, merged into one backbone. Delta space: the "
+    "delta's own tensors (prompts, adapter weights) averaged: a different operation. AdapterFusion: trained on "
+    "each task over the pool's frozen adapters (a run per task; its parameters are the fusion layers').",
+]
+
+
+def composition_tables(comp: pd.DataFrame, neg: pd.DataFrame, out_dir: Path | None = None) -> list[Table]:
+    """Per (backbone, task pool): method x algorithm, beside the methods' own accuracy and parameters; then
+    the negation records (forgetting)."""
+    tables = []
+    for (backbone, tasks), g in comp.groupby(["backbone", "tasks"], sort=True):
+        algorithms = sorted(set(g["algorithm"]), key=lambda a: (a == "AdapterFusion", a))
+        cells = []
+        for method, rows in g.groupby("method", sort=True):
+            first = rows.iloc[0]
+            cell: dict[str, Any] = {
+                "method": method,
+                "params (M)": _params(None if _na(first["params"]) else first["params"] / 1e6),
+                "own deltas": _num(first["individual_top1"], ".1f"),
+            }
+            for a in algorithms:
+                hit = rows[rows["algorithm"] == a]
+                if hit.empty:
+                    cell[a] = (EMPTY, "")
+                    continue
+                h = hit.iloc[0]
+                tip = f"{h['space']}; {h['chosen']}" if h["chosen"] else h["space"]
+                space = " (delta space)" if h["space"] == "delta" else ""
+                cell[a] = (f"{h['top1']:.1f} ({h['normalized']:.0f}%){space}", tip)
+            cell["records"] = [(f"{r['algorithm']}", _rel(p, out_dir)) for _, r in rows.iterrows() for p in r["records"][:1]]
+            cells.append(cell)
+        title = f"Composition on {backbone}: {tasks.replace('+', ', ')}"
+        tables.append(_table(f"composition-{_slug(backbone)}-{_slug(tasks)}", title, cells, COMPOSITION_NOTES))
+    if len(neg):
+        cells = [
+            {
+                "method": r["method"],
+                "tasks (negated, control)": r["tasks"].replace("+", ", "),
+                "drop on the negated task (points)": _num(r["target_drop"], ".1f"),
+                "control kept (%)": _num(r["control_normalized"], ".0f"),
+                "chosen": r["chosen"],
+                "record": [("json", _rel(r["path"], out_dir))],
+            }
+            for _, r in neg.iterrows()
+        ]
+        tables.append(_table("negation", "Negation: forgetting one task, keeping another", cells,
+                             ["Task arithmetic's forgetting protocol: the negated task's vector subtracted, lambda "
+                              "chosen on val200 so the control task keeps at least 95% of its own accuracy."]))  # fmt: skip
+    return tables
+
+
+def composition_plots(comp: pd.DataFrame, out_dir: Path) -> list[Plot]:
+    """Per (backbone, pool) with at least two methods: normalized accuracy of each method's best merge (by the
+    mean normalized accuracy over the pool) and of AdapterFusion, against the delta's trainable parameters."""
+    plots = []
+    for (backbone, tasks), g in comp.groupby(["backbone", "tasks"], sort=True):
+        g = g[g["params"].notna()]
+        merged = g[g["algorithm"] != "AdapterFusion"].sort_values(["normalized", "algorithm"], ascending=[False, True])
+        best = merged.drop_duplicates("method")
+        points = [(f"{r['method']} ({r['algorithm']})", r["params"] / 1e6, r["normalized"]) for _, r in best.iterrows()]
+        points += [(f"{r['method']} (AdapterFusion)", r["params"] / 1e6, r["normalized"])
+                   for _, r in g[g["algorithm"] == "AdapterFusion"].iterrows()]  # fmt: skip
+        if len(points) < 2:
+            continue
+        plots.append(plot_tradeoff(
+            sorted(points), PARAMS_X, "normalized accuracy (% of each task's own delta)",
+            f"Merged deltas: {backbone}, {tasks.replace('+', ', ')}", True, out_dir,
+            f"composition_{_slug(backbone)}_{_slug(tasks)}",
+        ))  # fmt: skip
+    return plots
+
+
 # -- writers (pandas does the tables) --------------------------------------------------------------
 
 
@@ -825,6 +904,7 @@ def build_page(
     runs: pd.DataFrame | None = None,
     methods: pd.DataFrame | None = None,
     out_dir: Path | None = None,
+    composition: tuple[list[Table], list[Plot]] | None = None,
 ) -> Page:
     """The page's sections; record links relative to ``out_dir`` (give the leaderboard ``relative_to`` it)."""
     sections = []
@@ -841,6 +921,8 @@ def build_page(
             sections.append((backbone, tables, mine))
     if methods is not None:
         sections.append(("Methods compared (bench records)", methods_tables(methods, out_dir), []))
+    if composition is not None:
+        sections.append(("Composition (merge records, AdapterFusion runs)", *composition))
     sections.append(("Failed and interrupted runs", [failures_table(lb)], []))
     ref_plots = [p for p in plots if p.stem.startswith("published_")]
     sections.append((f"Reference: {REFERENCE_LABEL}", reference_tables(load_reference()), ref_plots))
@@ -980,9 +1062,12 @@ def methods_markdown(methods: pd.DataFrame, out_dir: Path | None = None) -> str:
 
 
 def write_leaderboard(
-    records_dir: str | Path, out_dir: str | Path, bench_dir: str | Path | None = None
+    records_dir: str | Path,
+    out_dir: str | Path,
+    bench_dir: str | Path | None = None,
+    merges_dir: str | Path | None = None,
 ) -> dict[str, Path]:
-    """Read run records (and bench records), write every output into ``out_dir``; return their paths."""
+    """Read run records (and bench and merge records), write every output into ``out_dir``; return their paths."""
     from vpeft.results.frame import load_bench_records, load_records
 
     records_dir, out_dir = Path(records_dir), Path(out_dir)
@@ -993,6 +1078,9 @@ def write_leaderboard(
         )
     if bench_dir is not None and not Path(bench_dir).is_dir():
         raise DataError(f"no bench folder at {bench_dir}; pass the folder bench-only runs wrote their records to")
+    if merges_dir is not None and not Path(merges_dir).is_dir():
+        raise DataError(f"no merges folder at {merges_dir}; pass the folder merge jobs wrote their records to "
+                        "(paths.merges, default outputs/merges)")  # fmt: skip
     runs = load_records(records_dir)
     bench = load_bench_records(bench_dir) if bench_dir is not None else None
     lb = relative_to(build_leaderboard(runs, bench, bench_dir), out_dir)
@@ -1000,13 +1088,25 @@ def write_leaderboard(
     reference = load_reference()
     plots = make_plots(lb, out_dir, reference)
     methods = methods_table(bench) if bench is not None else None
-    page = build_page(lb, plots, runs, methods, out_dir)
+    composition = comp = None
+    if merges_dir is not None:
+        from vpeft.results.composition import composition_frame, load_merge_records, negation_frame
+
+        merges = load_merge_records(merges_dir)
+        comp = composition_frame(merges, runs)
+        comp_plots = composition_plots(comp, out_dir)
+        plots += comp_plots
+        composition = (composition_tables(comp, negation_frame(merges), out_dir), comp_plots)
+    page = build_page(lb, plots, runs, methods, out_dir, composition)
     files: dict[str, Callable[[], str]] = {
         "leaderboard.md": lambda: page_markdown(page),
         "leaderboard.csv": lambda: leaderboard_csv(lb),
         "leaderboard.tex": lambda: page_latex(page),
         "leaderboard.html": lambda: page_html(page),
     }
+    if comp is not None:
+        links = [" ".join(_rel(p, out_dir) for p in r) for r in comp["records"]]
+        files["composition.csv"] = lambda: comp.assign(records=links).to_csv(index=False, float_format="%.4f")
     if methods is not None:
         files["methods.md"] = lambda: methods_markdown(methods, out_dir)
         files["methods.csv"] = lambda: methods_csv(methods, out_dir)
