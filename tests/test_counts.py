@@ -18,7 +18,8 @@ VIT_B16 = [
     ("vpt_deep", {"num_tokens": 10}, 92_160),
     ("linear", {}, 0),
     ("full", {}, 85_798_656),
-    ("adapter_houlsby", {"bottleneck": 8}, 313_536),
+    ("adapter_houlsby", {"bottleneck": 8}, 350_400),  # adapters 313,536 + norm1/norm2 weight and bias 36,864
+    ("adapter_houlsby", {"bottleneck": 8, "train_layernorm": False}, 313_536),
     ("adapter_pfeiffer", {"bottleneck": 8}, 156_768),
     ("prefix", {"num_tokens": 10}, 184_320),
     ("ia3", {}, 55_296),
@@ -38,7 +39,15 @@ def test_vit_base_counts(name, kwargs, expected):
     count = vpeft.count_parameters(model)
     assert count.trainable_excl_head == expected
     assert count.trainable == expected + 768 * 100 + 100
-    assert count.total == 85_798_656 + 76_900 + (0 if name in ("full", "linear", "bitfit") else expected)
+    added = 0 if name in ("full", "linear", "bitfit") else expected - backbone_tensors(name, kwargs, 768, 12)
+    assert count.total == 85_798_656 + 76_900 + added
+
+
+def backbone_tensors(name: str, kwargs: dict, d: int, depth: int) -> int:
+    """The part of a delta that is the backbone's own tensors (trained in place, not added)."""
+    if name == "adapter_houlsby" and kwargs.get("train_layernorm", True):
+        return depth * 2 * 2 * d  # norm1 and norm2: weight and bias
+    return 0
 
 
 def closed_form(name: str, kwargs: dict, d: int, depth: int, hidden: int, qkv_bias: bool) -> int:
@@ -63,8 +72,10 @@ def closed_form(name: str, kwargs: dict, d: int, depth: int, hidden: int, qkv_bi
     if name == "vpt_deep":
         return depth * kwargs.get("num_tokens", 10) * d
     if name in ("adapter_houlsby", "adapter_pfeiffer"):  # down (d x b + b) and up (b x d + d) per adapter
-        b = kwargs.get("bottleneck", 8)
-        return (2 if name == "adapter_houlsby" else 1) * depth * (2 * d * b + b + d)
+        b = kwargs.get("bottleneck", 8)  # Houlsby's train_layernorm: + norm1, norm2 weight and bias per block
+        return (2 if name == "adapter_houlsby" else 1) * depth * (2 * d * b + b + d) + backbone_tensors(
+            name, kwargs, d, depth
+        )
     if name == "prefix":
         n = kwargs.get("num_tokens", 10)
         if not kwargs.get("reparam"):  # a key and a value vector per token per block
@@ -108,6 +119,7 @@ CASES = [
     ("linear", {}),
     ("adapter_houlsby", {}),
     ("adapter_houlsby", {"bottleneck": 5, "act": "relu"}),
+    ("adapter_houlsby", {"train_layernorm": False}),
     ("adapter_pfeiffer", {"bottleneck": 5}),
     ("prefix", {"num_tokens": 7}),
     ("prefix", {"num_tokens": 7, "reparam": True, "reparam_hidden": 16}),
@@ -139,7 +151,7 @@ def test_tiny_counts(name, kwargs, arch):
     count = vpeft.count_parameters(model)
     assert count.trainable_excl_head == expected
     assert count.trainable == expected + head
-    added = 0 if name in ("linear", "bitfit") else expected
+    added = 0 if name in ("linear", "bitfit") else expected - backbone_tensors(name, kwargs, d, depth)
     assert count.total == total_before + added
 
 
@@ -181,7 +193,8 @@ def test_adapter_fusion_tiny_counts(arch, kind, sites, tmp_path):
     count = vpeft.count_parameters(model)
     assert count.trainable_excl_head == expected
     assert count.trainable == expected + head
-    frozen = 3 * closed_form(kind, {"bottleneck": 5}, d, depth, 0, True)  # the three adapters, loaded frozen
+    # the three adapters, loaded frozen (a Houlsby file's LayerNorms are not: the backbone's are kept)
+    frozen = 3 * closed_form(kind, {"bottleneck": 5, "train_layernorm": False}, d, depth, 0, True)
     assert count.total == total_before + expected + frozen
 
 

@@ -207,6 +207,10 @@ def test_serial_adapters_match_direct_computation(name, act, arch):
     model = vpeft.apply_method(make_vit(arch), name, bottleneck=5, act=act)
     perturb_delta(model)
     x = tiny_input(model)
+    with torch.no_grad():  # Houlsby trains the blocks' LayerNorms (train_layernorm): the reference uses the tuned ones
+        for r, b in zip(ref.blocks, model.blocks):
+            r.norm1.load_state_dict(b.norm1.state_dict())
+            r.norm2.load_state_dict(b.norm2.state_dict())
 
     def adapt(h, a):
         return h + F.linear(ACTS[act](F.linear(h, a.down.weight, a.down.bias)), a.up.weight, a.up.bias)
@@ -233,7 +237,9 @@ def test_serial_adapter_placement_and_init(name):
     assert a.up.weight.abs().sum() == 0 and a.up.bias.abs().sum() == 0
     assert a.down.bias.abs().sum() == 0 and a.down.weight.abs().sum() > 0
     names = set(vpeft.trainable_parameters(model)) - {"head.weight", "head.bias"}
-    assert "blocks.2.mlp.adapter.up.weight" in names and all(".adapter." in n for n in names)
+    assert "blocks.2.mlp.adapter.up.weight" in names
+    norms = {f"blocks.{i}.{n}.{p}" for i in range(3) for n in ("norm1", "norm2") for p in ("weight", "bias")}
+    assert {n for n in names if ".adapter." not in n} == (norms if name == "adapter_houlsby" else set())
 
 
 def set_fused(model, fused: bool) -> None:

@@ -8,6 +8,13 @@ The adapters are the delta files of ``adapter_houlsby`` or ``adapter_pfeiffer`` 
 backbone, named by path in ``adapters``. The fusion's delta file holds only the fusion parameters and
 the head; its config names the adapter files and their SHA-256 (filled in when the method is applied),
 so loading it needs those files and refuses ones that changed since.
+
+LayerNorms: an ``adapter_houlsby`` file trained with ``train_layernorm`` also holds its task's block
+LayerNorms (``blocks.<i>.norm1`` / ``norm2``). AdapterFusion keeps everything of stage one frozen (the
+paper's section 3.1, stage two: the pretrained parameters and all adapters fixed, only the fusion and
+the head learn), and N tasks' LayerNorms give no single one to use, so the fused model keeps the
+backbone's own LayerNorms, frozen: those tensors of the adapter files are read past, and the fusion's
+delta holds none.
 """
 
 from __future__ import annotations
@@ -118,6 +125,7 @@ class AdapterFusionMethod(Method):
                     frozen.append(_frozen_adapter(cfg.adapters[j], prefix, state, dim, info["config"], dd))
                 planned.append((host, AdapterFusion(dim, frozen, **dd)))
         for j, (tensors, _, _) in enumerate(files):
+            # the task's own LayerNorms (adapter_houlsby's train_layernorm) stay unused: the backbone's are kept
             extra = sorted(k for k in set(tensors) - used[j] if ".adapter." in k)
             if extra:
                 raise DataError(

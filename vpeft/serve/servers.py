@@ -25,6 +25,7 @@ from vpeft.layers.rescale import fold_input_scale
 from vpeft.layers.scale_shift import fold_affine
 from vpeft.methods import METHODS
 from vpeft.methods._base import SUPPORTED, embed_dim, final_norm, head_parameters
+from vpeft.methods.adapter_houlsby import NORMS as HOULSBY_NORMS
 from vpeft.methods.lora import TARGETS
 from vpeft.methods.ssf import BLOCK_LAYERS
 from vpeft.serve.errors import IncompatibleDeltaError
@@ -32,6 +33,7 @@ from vpeft.serve.routing import Router
 from vpeft.serve.sites import (
     AdaptFormerBlock,
     BottleneckSite,
+    LayerNormSite,
     LoRASite,
     PrefixAttention,
     PrefixSite,
@@ -457,13 +459,32 @@ class BitFitServer(Server):
 
 @serves("adapter_houlsby")
 class AdapterServer(Server):
-    """Serial bottleneck adapters on the sub-layers of ``sites``; bottlenecks may differ (zero-padded)."""
+    """Serial bottleneck adapters on the sub-layers of ``sites``; bottlenecks may differ (zero-padded).
+
+    Houlsby deltas with ``train_layernorm`` also hold every block's ``norm1`` / ``norm2`` weight and bias:
+    while such a delta is resident, each of those LayerNorms gets a ``LayerNormSite`` that applies each
+    sample's task's parameters (the backbone's own for tasks that did not train them), so tasks with and
+    without trained LayerNorms share a pass; with none resident the LayerNorms run as they are.
+    """
 
     segmentable = True
     sub_layers: ClassVar[tuple[str, ...]] = ()
 
     def _sub_layers(self) -> tuple[str, ...]:
         return self.sub_layers or METHODS.get(self.name).sites
+
+    def _norms(self) -> list[tuple[str, nn.LayerNorm]]:
+        out = []
+        for i, block in enumerate(_blocks(self.backbone)):
+            for name in HOULSBY_NORMS:
+                norm = getattr(block, name, None)
+                if not isinstance(norm, nn.LayerNorm) or not isinstance(norm.weight, nn.Parameter) or norm.bias is None:
+                    raise UnsupportedModelError(
+                        f"{self.name} with train_layernorm needs blocks.{i}.{name} to be a LayerNorm with weight and "
+                        f"bias; supported: {SUPPORTED}"
+                    )
+                out.append((f"blocks.{i}.{name}", norm))
+        return out
 
     def expected(self, cfg: Any) -> dict[str, tuple[int, ...]]:
         dim, n = embed_dim(self.backbone, self.name), cfg.bottleneck
@@ -473,6 +494,9 @@ class AdapterServer(Server):
                 p = f"blocks.{i}.{s}.adapter"
                 out.update({f"{p}.down.weight": (n, dim), f"{p}.down.bias": (n,)})
                 out.update({f"{p}.up.weight": (dim, n), f"{p}.up.bias": (dim,)})
+        if getattr(cfg, "train_layernorm", False):
+            for path, norm in self._norms():
+                out[f"{path}.weight"] = out[f"{path}.bias"] = tuple(norm.weight.shape)
         return out
 
     def check_config(self, cfg: Any, source: str) -> None:
@@ -492,12 +516,47 @@ class AdapterServer(Server):
                 self._add_site(f"blocks.{i}.{s}", BottleneckSite(self.router, ACTIVATIONS[cfg.act]()), hook_on=host)
         super().install(cfg)
 
+    def _norm_sites(self) -> list[tuple[str, LayerNormSite]]:
+        return [(path, site) for path, site in self.site_items() if isinstance(site, LayerNormSite)]
+
+    def _add_norm_sites(self, capacity: int) -> None:
+        """The LayerNorm sites, every resident task's rows holding the backbone's own parameters."""
+        for path, norm in self._norms():
+            site = LayerNormSite(self.router, norm.normalized_shape, norm.eps)
+            site.register_buffer("base_weight", norm.weight.detach().clone(), persistent=False)
+            site.register_buffer("base_bias", norm.bias.detach().clone(), persistent=False)
+            for slot in self.configs:
+                site.bank.put("weight", slot, site.base_weight, capacity)
+                site.bank.put("bias", slot, site.base_bias, capacity)
+            self._add_site(path, site, hook_on=norm)
+
     def write(self, slot: int, tensors: dict[str, torch.Tensor], cfg: Any, capacity: int) -> None:
+        trained = bool(getattr(cfg, "train_layernorm", False))
+        if trained and not self._norm_sites():
+            self._add_norm_sites(capacity)
         for path, site in self.site_items():
+            if isinstance(site, LayerNormSite):
+                if trained:
+                    weight, bias = tensors[f"{path}.weight"], tensors[f"{path}.bias"]
+                else:  # the task did not train them: the backbone's own
+                    weight, bias = site.base_weight, site.base_bias
+                site.bank.put("weight", slot, weight, capacity)
+                site.bank.put("bias", slot, bias, capacity)
+                (site.trained.add if trained else site.trained.discard)(slot)
+                continue
             p = f"{path}.adapter"
             for key, name in (("dw", "down.weight"), ("db", "down.bias"), ("uw", "up.weight"), ("ub", "up.bias")):
                 site.bank.put(key, slot, tensors[f"{p}.{name}"], capacity)
         self.configs[slot] = cfg
+
+    def clear(self, slot: int) -> None:
+        super().clear(slot)
+        norms = self._norm_sites()
+        for _, site in norms:
+            site.trained.discard(slot)
+        if norms and not any(site.trained for _, site in norms):  # no resident task trained them: run them bare
+            for path, _ in norms:
+                self._drop_site(path)
 
 
 @serves("adapter_pfeiffer")

@@ -148,6 +148,41 @@ class BottleneckSite(Site):
         return out + self.delta(out, route)
 
 
+class LayerNormSite(Site):
+    """A LayerNorm with each sample's task's affine parameters: bank ``weight``, ``bias`` ``[T, C]``.
+
+    Hooked on the backbone's LayerNorm, it recomputes the output from the input: with one task (or one
+    task per segment) as ``F.layer_norm`` with that task's weight and bias, the single-task layer's
+    arithmetic; mixed, as the LayerNorm without affine followed by each sample's scale and shift, which is
+    the same function. Slots not in ``trained`` hold the backbone's own parameters (their tasks did not
+    train the LayerNorms); a batch of only such tasks keeps the backbone's output as it is.
+    """
+
+    def __init__(self, router: Router, normalized_shape: tuple[int, ...], eps: float) -> None:
+        super().__init__(router)
+        self.normalized_shape, self.eps = tuple(normalized_shape), float(eps)
+        self.trained: set[int] = set()
+
+    def _norm(self, x: torch.Tensor, t: int | None) -> torch.Tensor:
+        if t is None:
+            return F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        w, b = self.bank["weight"][t], self.bank["bias"][t]
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+    def forward(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        route = self.router.current()
+        if route is None or not self.trained.intersection(route.slots):
+            return out
+        if route.single is not None:
+            return self._norm(inp, route.single)
+        if route.segments is not None:
+            return torch.cat([self._norm(inp[s:e], t) if t in self.trained else out[s:e] for t, s, e in route.segments])
+        y = self._norm(inp, None)
+        w = per_sample_view(self.bank["weight"][route.index], y.ndim, -1).to(y.dtype)
+        b = per_sample_view(self.bank["bias"][route.index], y.ndim, -1).to(y.dtype)
+        return torch.addcmul(b, y, w)
+
+
 class AdaptFormerBlock(nn.Module):
     """A timm ``Block`` (children kept under their names) plus a per-task scaled bottleneck beside the MLP,
     reading the hidden state after the attention residual, as ``vpeft.methods.adaptformer``'s block."""
