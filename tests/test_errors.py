@@ -27,7 +27,7 @@ def test_unknown_config_field_lists_fields():
     ("name", "kwargs", "match"),
     [
         ("lora", {"r": 0}, "positive integer"),
-        ("lora", {"targets": ["q", "x"]}, "valid targets: q, k, v, proj, fc1, fc2"),
+        ("lora", {"targets": ["q", "x"]}, "valid targets: q, k, v, qkv, proj, fc1, fc2"),
         ("lora", {"targets": []}, "at least one"),
         ("adaptformer", {"bottleneck": -1}, "positive integer"),
         ("ssf", {"init": "zeros"}, "'normal' or 'identity'"),

@@ -244,3 +244,27 @@ def test_delta_space_composition_carries_the_layernorms():
     plain = vpeft.apply_method(make_vit(), "adapter_houlsby", bottleneck=3, train_layernorm=False)
     with pytest.raises(compose.IncompatibleDeltasError, match="different configs in delta space"):
         compose.add(vectors[0], compose.task_vector(compose.TaskDelta.from_model(plain), base, space="delta"))
+
+
+def test_a_file_from_before_the_field_loads_as_adapters_only(tmp_path):
+    """A Houlsby delta file written before ``train_layernorm`` existed holds no such field and no norms: it
+    was trained with the adapters only, and loads so (not as a file missing its norms)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = vpeft.apply_method(make_vit(), "adapter_houlsby", train_layernorm=False)
+    perturb_delta(model)
+    path = vpeft.save_delta(model, tmp_path / "new.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    del config["train_layernorm"]
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**meta, "config": json.dumps(config)})
+    loaded = vpeft.load_delta(make_vit(), old)
+    assert vpeft.applied_method(loaded).config.train_layernorm is False
+    x = tiny_input(model)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)

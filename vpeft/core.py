@@ -193,6 +193,12 @@ def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
         }
         if not isinstance(info["config"], dict) or not isinstance(info["extra"], dict):
             raise ValueError("config and extra must be JSON objects")
+        if info["method"] in METHODS:  # a field the file predates: the value that file was trained with
+            cls = METHODS.get(info["method"])
+            fields = {f.name for f in dataclasses.fields(cls.Config)}
+            for key, value in cls.legacy_defaults.items():
+                if key in fields:
+                    info["config"].setdefault(key, value)
     except (KeyError, ValueError) as e:
         raise DataError(f"{path}: the delta's metadata is broken ({_first_line(e)})") from e
     return tensors, info

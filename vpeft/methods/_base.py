@@ -35,6 +35,9 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     mergeable: ClassVar[bool] = False
     merge_atol: ClassVar[float] = 1e-5  # fp32 tolerance between merged and unmerged outputs
+    # config fields added after delta files were first written, with the value such an older file implies
+    # (a file without the field was trained without what it switches on)
+    legacy_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, config: MethodConfig):
         self.config = config

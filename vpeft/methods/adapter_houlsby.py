@@ -84,6 +84,7 @@ def block_norms(model: nn.Module, method: str) -> Iterator[tuple[str, nn.LayerNo
 @register("adapter_houlsby")
 class HoulsbyAdapter(Method):
     Config = HoulsbyConfig
+    legacy_defaults = {"train_layernorm": False}  # files from before the field trained the adapters only
     sites: ClassVar[tuple[str, ...]] = ("attn", "mlp")  # the sub-layers whose output gets an adapter
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
