@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # The system packages the test suite uses: Chromium renders the leaderboard page, Debian's
-# dataset-fashion-mnist is real data one loader reads. Installed when this user can (root, or sudo
-# without a password); otherwise stop with the exact command, before any test runs.
+# dataset-fashion-mnist is real data one loader reads, SLURM (slurmctld, slurmd, munge and the
+# clients) runs the sweeps of tests/test_slurm.py on a one-node cluster the tests start and stop
+# (no service is enabled or configured here). Installed when this user can (root, or sudo without a
+# password); otherwise stop with the exact command, before any test runs.
 set -euo pipefail
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
+[ -x /usr/sbin/slurmctld ] || need+=(slurmctld)
+[ -x /usr/sbin/slurmd ] || need+=(slurmd)
+[ -x /usr/sbin/munged ] || need+=(munge)
+command -v sbatch >/dev/null 2>&1 || need+=(slurm-client)
 [ ${#need[@]} -eq 0 ] && exit 0
 install="apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ${need[*]}"
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import signal
 import sys
 import threading
@@ -128,23 +129,45 @@ def mark_entered() -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
+    # Schedulers repeat the signal (SLURM: srun forwards SIGTERM, then slurmstepd sends its own): the
+    # first one stops the job, later ones must not break off the writing of its record
+    for s in stop_signals():
+        signal.signal(s, signal.SIG_IGN)
+    why = f"terminated by signal {signal.Signals(signum).name}"
+    if signum != signal.SIGTERM:
+        why += " (the scheduler's notice of the time limit or of a preemption)"
+    raise Terminated(why)
+
+
+def stop_signals() -> list[signal.Signals]:
+    """SIGTERM; in a submitit job also the signal SLURM sends ``signal_delay_s`` before the time limit.
+
+    submitit's own handler for that signal would requeue the job to start over (a run has no mid-run
+    checkpoint, so it would time out again) or raise inside training; the run is recorded interrupted
+    instead, while there is time, and the job ends without a result (a requeued job runs it again).
+    """
+    sigs = [signal.SIGTERM]
+    if os.environ.get("SUBMITIT_FOLDER"):
+        usr = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+        if usr is not None and usr != signal.SIGTERM:
+            sigs.append(usr)
+    return sigs
 
 
 def run_job(job: Job, cfg: DictConfig) -> dict[str, Any] | None:
     """Plan, execute and record ``job``; return its record (None when bad input left none in a sweep)."""
     mark_entered()
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    previous = {s: signal.signal(s, _on_sigterm) for s in stop_signals()} if main_thread else {}
     try:
         return _run(job, cfg)
     except Terminated:
         if hydra_overrides()[1]:
-            raise  # in a sweep the launcher decides; the record says interrupted
+            raise  # in a sweep the launcher decides; the record and the status file say interrupted
         sys.exit(128 + signal.SIGTERM)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _run(job: Job, cfg: DictConfig) -> dict[str, Any] | None:
@@ -173,6 +196,9 @@ def _run(job: Job, cfg: DictConfig) -> dict[str, Any] | None:
     record = None
     try:
         record = _execute(job, plan, device, multirun, started)
+    except KeyboardInterrupt as e:  # the status file says interrupted, as the record does
+        record = getattr(e, "record", None) or {"status": "interrupted", "error": str(e) or "interrupted"}
+        raise
     finally:
         _write_status(record, False, plan)
     return record
@@ -197,6 +223,7 @@ def _execute(job: Job, plan: Plan, device: torch.device, multirun: bool, started
         log.error("%s during %s: recording the job as interrupted", why, ctx.phase)
         finish(job, plan, record, "interrupted", f"{why} during {ctx.phase}")
         job.after(ctx, record, ok=False)
+        e.record = record
         raise
     except RunFailed as e:  # a known way for a started job to fail (a diverged loss): exit 1
         log.error("%s", e)
