@@ -195,6 +195,20 @@ def _rss_mb() -> float:
     return _peak_mb(torch.device("cpu"))[0]
 
 
+def _own_peak_mb() -> float | None:
+    """This process's own peak resident set (Linux: VmHWM, the high-water mark of its memory map, which
+    starts afresh at exec). Not ``ru_maxrss``: Linux carries the forking parent's resident set into the
+    child's across exec, so a child of a large process would report at least the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _child_main(argv: Sequence[str]) -> None:
     """In the fresh process: load the model, measure, write the report as JSON (argv: model, out, threads, kwargs)."""
     import json
@@ -207,6 +221,9 @@ def _child_main(argv: Sequence[str]) -> None:
     model = torch.load(model_path, weights_only=False, mmap=True)  # no transient second copy of the weights
     os.unlink(model_path)  # the parent's copy on disk is no longer needed
     report = measure_training(model, device="cpu", **kwargs)
+    peak = _own_peak_mb()
+    if peak is not None:
+        report = dataclasses.replace(report, peak_mem_mb=peak)
     report = dataclasses.replace(report, peak_mem_kind="cpu_peak_rss_isolated", base_mem_mb=base)
     with open(out_path, "w") as f:
         json.dump(report.to_dict(), f)
@@ -229,7 +246,7 @@ def measure_training_isolated(
     A process's peak resident set only grows: measured in-process, a sweep reports its largest method
     for every method after it. Here the model goes through a file (a pipe would hold a second copy of
     the weights) to a new Python process (``sys.executable``, so nothing of the caller's main script is
-    re-run) with as many threads as this one; its ``ru_maxrss`` is the peak of importing torch, loading
+    re-run) with as many threads as this one; its own high-water mark (VmHWM) is the peak of importing torch, loading
     the model and training it, nothing else. The caller's model is not touched. It costs a few seconds
     more than in-process (the new process imports torch).
     """
