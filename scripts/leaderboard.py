@@ -1,12 +1,14 @@
 """Render the leaderboard (Markdown, CSV, LaTeX, HTML, plots) from a folder of run records.
 
-    python scripts/leaderboard.py results/runs --out results/leaderboard [--bench results/bench] [--merges results/merges]
+    python scripts/leaderboard.py results/runs --out results/leaderboard \
+        [--bench results/bench] [--merges results/merges]
 
 The outputs are a pure function of the records and the folders named: the same records give
 byte-identical files. With --bench, bench records supply latency where the runs have none and the
 backbone, method config, input size, device and dtype all match, and methods.md / methods.csv put
 every benchmarked method's costs side by side. With --merges, a composition section (and
-composition.csv) puts each method's merged deltas and AdapterFusion beside its deltas alone. In a notebook: ``vpeft.results.load_records(folder)``.
+composition.csv) puts each method's merged deltas and AdapterFusion beside its deltas alone. In a
+notebook: ``vpeft.results.load_records(folder)``.
 """
 
 from __future__ import annotations

@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(cfg.paths.results)
     backbone = backbone_id(OmegaConf.to_container(cfg.backbone, resolve=True))
     # a variant recipe (vtab1k_vpt_deep_adamw) keeps its chosen values apart from the method's own recipe
-    variant = experiment.removeprefix(f"vtab1k_{args.method}") if experiment.startswith(f"vtab1k_{args.method}_") else ""
+    variant = (
+        experiment.removeprefix(f"vtab1k_{args.method}") if experiment.startswith(f"vtab1k_{args.method}_") else ""
+    )
     hparams = Path(cfg.paths.results).parent / "hparams" / backbone / f"{cfg.method.name}{variant}.json"
     recipe = cfg.get("recipe")  # records of another recipe (or of one from before its changes) never count
     base = [sys.executable, str(ROOT / "run.py"), "-m", f"+experiment={experiment}", f"method={args.method}"]
@@ -111,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             chosen = {t: v for t, v in chosen.items() if t in args.tasks.split(",")}
             missing = sorted(set(args.tasks.split(",")) - set(chosen))
             if not chosen:
-                print(f"select: no finished tune runs of {cfg.method.name} on {backbone} under {results} (recipe {recipe})")
+                print(
+                    f"select: no finished tune runs of {cfg.method.name} on {backbone} under {results}"
+                    f" (recipe {recipe})"
+                )
                 return 1
             write_hparams(hparams, chosen, cfg.method.name, backbone, list(grid))
             for task, c in chosen.items():

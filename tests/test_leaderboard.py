@@ -477,7 +477,8 @@ def test_latency_from_another_input_size_is_never_joined():
 
 
 def test_a_noisy_measurement_is_flagged():
-    """p90/median of 13 (a merged LoRA shown at 0.95x with a p90 thirteen times its median): flagged noisy, never ≈; small ones within noise."""
+    """p90/median of 13 (a merged LoRA shown at 0.95x with a p90 thirteen times its median): flagged noisy, never ≈;
+    small ones within noise."""
     bench = [
         make_bench("lora", ratio=0.95, spread=13.0, device="cpu"),
         make_bench("bitfit", ratio=0.99, spread=1.04, device="cpu"),

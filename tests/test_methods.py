@@ -279,7 +279,9 @@ def test_lora_qkv_is_one_low_rank_update_of_the_fused_layer():
     with torch.no_grad():
         expected = x @ (qkv.weight + 2.0 * b @ a).T + qkv.bias
         torch.testing.assert_close(qkv(x), expected, atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(qkv(x)[..., d : 2 * d], x @ qkv.weight[d : 2 * d].T + qkv.bias[d : 2 * d])  # k moves too
+        assert not torch.allclose(
+            qkv(x)[..., d : 2 * d], x @ qkv.weight[d : 2 * d].T + qkv.bias[d : 2 * d]
+        )  # k moves too
         inp = tiny_input(model)
         before = model.eval()(inp)
         vpeft.merge(model)

@@ -82,7 +82,7 @@ def test_repadapter_matches_the_reference_code(arch):
     perturb_delta(model)
     x = tokens()
     for block in model.blocks:
-        for norm, linear in ((block.norm1, block.attn.qkv), (block.norm2, block.mlp.fc1)):
+        for norm, _linear in ((block.norm1, block.attn.qkv), (block.norm2, block.mlp.fc1)):
             plain = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
             adapter = norm.repadapter
             assert adapter.up_weight.shape == (D, 8 // 2)  # group-wise: h / groups inputs per output channel
@@ -150,7 +150,9 @@ def test_fact_matches_the_reference_code(variant):
         dq, do, d1, d2 = fact_reference(model, i, x, h)
         a, p, f1, f2 = block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2
         for layer, inp, delta in ((a, x, dq), (p, x, do), (f1, x, d1), (f2, h, d2)):
-            torch.testing.assert_close(layer(inp), F.linear(inp, layer.weight, layer.bias) + delta, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                layer(inp), F.linear(inp, layer.weight, layer.bias) + delta, atol=1e-5, rtol=1e-5
+            )
     # the factors are shared: one U and V for the whole model
     assert {n for n, _ in model.named_parameters() if n.endswith((".U", ".V"))} == {"fact.U", "fact.V"}
 
@@ -165,7 +167,9 @@ def test_fact_tk_attention_slices_are_the_papers_tucker_tensor():
     for i, block in enumerate(model.blocks):
         want = torch.cat([tensor[:, :, i * slots + j] for j in range(3)])
         torch.testing.assert_close(block.attn.qkv.fact.delta_weight(), want, atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(block.attn.proj.fact.delta_weight(), tensor[:, :, i * slots + 3], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            block.attn.proj.fact.delta_weight(), tensor[:, :, i * slots + 3], atol=1e-6, rtol=1e-5
+        )
 
 
 # -- Adapter+ (Steitz and Roth, CVPR 2024) ----------------------------------------------------------
@@ -235,7 +239,16 @@ def test_adalora_orthogonality_regulariser():
 def test_adalora_importance_and_budget():
     """Eqs. (8)-(11): smoothed sensitivity times uncertainty, triplet scores, the cubic budget, masking."""
     model = vpeft.apply_method(
-        make_vit(), "adalora", init_r=4, target_r=2, targets=["q", "fc2"], tinit=1, tfinal=2, deltaT=1, beta1=0.7, beta2=0.6
+        make_vit(),
+        "adalora",
+        init_r=4,
+        target_r=2,
+        targets=["q", "fc2"],
+        tinit=1,
+        tfinal=2,
+        deltaT=1,
+        beta1=0.7,
+        beta2=0.6,
     )
     method = vpeft.applied_method(model)
     perturb_delta(model)
@@ -254,10 +267,16 @@ def test_adalora_importance_and_budget():
             unc[i] = 0.6 * unc[i] + 0.4 * (ipt - avg[i]).abs()
         before = [u.E[s].detach().clone() for u, s in layers]
         method.on_step(model, step, total)
-        budget = init_bgt if step <= 1 else int((init_bgt - target_bgt) * (1 - (step - 1) / (total - 2 - 1)) ** 3 + target_bgt)
+        budget = (
+            init_bgt
+            if step <= 1
+            else int((init_bgt - target_bgt) * (1 - (step - 1) / (total - 2 - 1)) ** 3 + target_bgt)
+        )
         assert method.budget_schedule(step, total, init_bgt, target_bgt)[0] == budget
         score = [avg[i] * unc[i] for i in range(len(params))]
-        triplet = torch.cat([score[3 * j + 1] + score[3 * j + 2].mean(1) + score[3 * j].mean(0) for j in range(len(layers))])
+        triplet = torch.cat(
+            [score[3 * j + 1] + score[3 * j + 2].mean(1) + score[3 * j].mean(0) for j in range(len(layers))]
+        )
         keep = torch.zeros_like(triplet, dtype=torch.bool)
         keep[triplet.argsort(descending=True)[:budget]] = True
         expected = torch.cat(before) * keep

@@ -145,7 +145,9 @@ def test_vpt_deep_lengths_cover_every_task_and_agree_with_vpts_own_runs():
         "dmlab": 100, "sun397": 5, "eurosat": 100,
     }  # fmt: skip
     for task in TASKS:
-        assert make(["+experiment=vtab1k_vpt_deep", f"dataset={task}"]).method.num_tokens == VPT_DEEP_PROMPT_TOKENS[task]
+        assert (
+            make(["+experiment=vtab1k_vpt_deep", f"dataset={task}"]).method.num_tokens == VPT_DEEP_PROMPT_TOKENS[task]
+        )
 
 
 def test_vpt_adamw_variants_keep_the_noah_recipe():

@@ -58,12 +58,23 @@ class AdaLoRAConfig(MethodConfig):
         self.alpha = float(self.init_r if self.alpha is None else self.alpha)
         for name in ("init_r", "target_r", "deltaT"):
             v = getattr(self, name)
-            check(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"adalora {name} must be a positive integer, got {v!r}")
+            check(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                f"adalora {name} must be a positive integer, got {v!r}",
+            )
         for name in ("tinit", "tfinal"):
             v = getattr(self, name)
-            check(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"adalora {name} must be an integer >= 0, got {v!r}")
-        check(self.target_r <= self.init_r, f"adalora target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
-        check(0 < self.beta1 < 1 and 0 < self.beta2 < 1, f"adalora beta1, beta2 must be in (0, 1), got {self.beta1}, {self.beta2}")
+            check(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                f"adalora {name} must be an integer >= 0, got {v!r}",
+            )
+        check(
+            self.target_r <= self.init_r, f"adalora target_r ({self.target_r}) must not exceed init_r ({self.init_r})"
+        )
+        check(
+            0 < self.beta1 < 1 and 0 < self.beta2 < 1,
+            f"adalora beta1, beta2 must be in (0, 1), got {self.beta1}, {self.beta2}",
+        )
         check(self.orth_reg_weight >= 0, f"adalora orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
         check(0 <= self.dropout < 1, f"adalora dropout must be in [0, 1), got {self.dropout!r}")
         LoRAConfig(r=self.init_r, targets=self.targets)  # LoRA's checks of the targets
@@ -249,4 +260,3 @@ class AdaLoRA(Method):
             with torch.no_grad():
                 host.weight.add_(update.delta_weight().to(host.weight.dtype))
             detach(host, name)
-

@@ -123,7 +123,8 @@ class RepAdapterMethod(Method):
                 linear = require(block, linear_path, f"{self.name} (block {i})", nn.Linear)
                 if isinstance(norm, nn.Identity):
                     raise UnsupportedModelError(
-                        f"{self.name} (block {i}) adapts `{norm_path}`'s output, which is an Identity; supported: {SUPPORTED}"
+                        f"{self.name} (block {i}) adapts `{norm_path}`'s output, which is an Identity; "
+                        f"supported: {SUPPORTED}"
                     )
                 pairs.append((norm, linear))
         return pairs
@@ -148,4 +149,3 @@ class RepAdapterMethod(Method):
             m, c = adapter.affine()
             fold_input_affine(pairs[id(norm)], m, c)
             detach(norm, name)
-

@@ -119,8 +119,8 @@ def fusion_frame(runs: pd.DataFrame) -> pd.DataFrame:
     fused = runs[(runs["method"] == FUSION) & (runs["status"] == "ok") & (runs["protocol"] == "final")]
     rows = []
     for _, f in fused.iterrows():
-        sources = [runs.loc[by_tail[t]] for t in (_tail(Path(a).with_suffix(".json")) for a in f.get("method_config.adapters") or [])
-                   if t in by_tail]  # fmt: skip
+        tails = (_tail(Path(a).with_suffix(".json")) for a in f.get("method_config.adapters") or [])
+        sources = [runs.loc[by_tail[t]] for t in tails if t in by_tail]
         own = [s for s in sources if s["dataset"] == f["dataset"] and s["status"] == "ok"]
         if not own or len(sources) != len(f.get("method_config.adapters") or []):
             continue  # an adapter run that is not in this folder: no individual accuracy to compare with
@@ -182,7 +182,8 @@ def negation_frame(merges: pd.DataFrame) -> pd.DataFrame:
     neg = merges[(merges["status"] == "ok") & (merges["algorithm"] == "negation")] if not merges.empty else merges
     out = pd.DataFrame({
         "backbone": neg.get("backbone"), "method": neg.get("method"), "tasks": neg.get("tasks"),
-        "target_drop": neg.get("target_drop"), "control_normalized": 100 * neg.get("control_normalized", pd.Series(dtype=float)),
+        "target_drop": neg.get("target_drop"),
+        "control_normalized": 100 * neg.get("control_normalized", pd.Series(dtype=float)),
         "chosen": neg.get("chosen"), "path": neg.get("path"),
     })  # fmt: skip
     return out.sort_values(["backbone", "tasks", "method"], ignore_index=True) if len(out) else out

@@ -447,7 +447,9 @@ def composition_tables(comp: pd.DataFrame, neg: pd.DataFrame, out_dir: Path | No
                 tip = f"{h['space']}; {h['chosen']}" if h["chosen"] else h["space"]
                 space = " (delta space)" if h["space"] == "delta" else ""
                 cell[a] = (f"{h['top1']:.1f} ({h['normalized']:.0f}%){space}", tip)
-            cell["records"] = [(f"{r['algorithm']}", _rel(p, out_dir)) for _, r in rows.iterrows() for p in r["records"][:1]]
+            cell["records"] = [
+                (f"{r['algorithm']}", _rel(p, out_dir)) for _, r in rows.iterrows() for p in r["records"][:1]
+            ]
             cells.append(cell)
         title = f"Composition on {backbone}: {tasks.replace('+', ', ')}"
         tables.append(_table(f"composition-{_slug(backbone)}-{_slug(tasks)}", title, cells, COMPOSITION_NOTES))
@@ -465,7 +467,8 @@ def composition_tables(comp: pd.DataFrame, neg: pd.DataFrame, out_dir: Path | No
         ]
         tables.append(_table("negation", "Negation: forgetting one task, keeping another", cells,
                              ["Task arithmetic's forgetting protocol: the negated task's vector subtracted, lambda "
-                              "chosen on val200 so the control task keeps at least 95% of its own accuracy."]))  # fmt: skip
+                              "chosen on val200 so the control task keeps at least 95% of its own "
+                              "accuracy."]))  # fmt: skip
     return tables
 
 
@@ -825,7 +828,9 @@ def make_plots(lb: Leaderboard, out_dir: Path, reference: pd.DataFrame | None = 
                 )
     if pub:  # a plot of published rows only: short labels, the re-tuned study's rows marked
         retuned = " [PETL_Vision]"
-        short = [(m.replace(retuned, "†"), p, a) for m, p, a in ref[["method", "params_m", "mean19"]].itertuples(index=False)]
+        short = [
+            (m.replace(retuned, "†"), p, a) for m, p, a in ref[["method", "params_m", "mean19"]].itertuples(index=False)
+        ]
         title = f"{REFERENCE_LABEL}: VTAB-1k, {REFERENCE_BACKBONE}"
         if any(retuned in m for m in ref["method"]):
             title += "\n† PETL_Vision (Mai et al., 2025): re-tuned, last epoch"
