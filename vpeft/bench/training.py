@@ -183,30 +183,29 @@ def measure_training(
     )
 
 
-def _rss_mb() -> float:
-    """The resident set now (Linux: /proc; elsewhere the peak so far, an upper bound)."""
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux) in MiB; None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 2**10
     except (OSError, ValueError, IndexError):
         pass
-    return _peak_mb(torch.device("cpu"))[0]
+    return None
+
+
+def _rss_mb() -> float:
+    """The resident set now (Linux: VmRSS; elsewhere the peak so far, an upper bound)."""
+    now = _proc_status_mb("VmRSS")
+    return now if now is not None else _peak_mb(torch.device("cpu"))[0]
 
 
 def _own_peak_mb() -> float | None:
     """This process's own peak resident set (Linux: VmHWM, the high-water mark of its memory map, which
     starts afresh at exec). Not ``ru_maxrss``: Linux carries the forking parent's resident set into the
     child's across exec, so a child of a large process would report at least the parent's size."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _proc_status_mb("VmHWM")
 
 
 def _child_main(argv: Sequence[str]) -> None:
