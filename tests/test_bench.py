@@ -27,7 +27,7 @@ from vpeft.bench import (
     validate_bench_record,
     write_bench_record,
 )
-from vpeft.bench.training import measure_training_isolated
+from vpeft.bench.training import _own_peak_mb, measure_training_isolated
 from vpeft.env import environment
 from vpeft.errors import ConfigError, UnknownNameError
 
@@ -231,8 +231,10 @@ def test_per_method_memory_is_measured_in_a_process_of_its_own():
     weights_mb = sum(p.numel() for p in VisionTransformer(**kw).parameters()) * 4 / 2**20  # ~41 MB
     reports = {}
     # a large caller: a child that reported its parent's resident set (ru_maxrss survives fork + exec on
-    # Linux) would show at least this for both methods
-    ballast = torch.ones(1200 * 2**20 // 4)
+    # Linux) would show at least the caller's peak, ballast included, for both methods
+    ballast_mb = 2048
+    ballast = torch.ones(ballast_mb * 2**20 // 4)
+    caller_peak_mb = _own_peak_mb()
     for method in ("linear", "full"):
         torch.manual_seed(0)
         model = vpeft.apply_method(VisionTransformer(**kw), method)
@@ -244,7 +246,8 @@ def test_per_method_memory_is_measured_in_a_process_of_its_own():
     assert linear.peak_mem_kind == full.peak_mem_kind == "cpu_peak_rss_isolated"
     assert full.peak_mem_mb - linear.peak_mem_mb > 2 * weights_mb, (full.peak_mem_mb, linear.peak_mem_mb)
     assert linear.peak_mem_mb > linear.base_mem_mb + 0.9 * weights_mb  # the process held the model
-    assert full.peak_mem_mb < 1200  # its own peak, not the caller's 1.2 GB
+    # its own peak, well under the caller's (what importing torch costs differs between machines)
+    assert full.peak_mem_mb < caller_peak_mb - ballast_mb / 2, (full.peak_mem_mb, caller_peak_mb)
     assert full.trainable > 100 * linear.trainable and full.images_per_s > 0
 
     model = vpeft.apply_method(make_vit(), "lora", r=4)
