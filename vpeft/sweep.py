@@ -257,14 +257,20 @@ def _status_without_result(launcher: Any, overrides: list[str], idx: int, job: A
         cfg.hydra.job.num = idx
     path = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir) / STATUS_FILE
     log_file = job.paths.stdout
-    if state == "ENDED":  # squeue lists it no more (a cancelled pending array task is gone at once)
-        state = "ENDED, no longer listed by squeue"
+    # A job squeue lists no more and that never wrote its log never started: it was removed while
+    # pending (scancel; slurmctld forgets a cancelled pending array task at once, or lists it as
+    # CANCELLED for MinJobAge, depending on whether the task was split from its array yet). Either
+    # way nothing in the run failed: it counts as interrupted, as a CANCELLED state does.
+    never_started = state == "ENDED" and not Path(log_file).exists()
+    if state == "ENDED":
+        state = "ENDED, no longer listed by squeue" + (", never started: no log" if never_started else "")
     _log.error("SLURM job %s ended without a result (state %s): %s", job.job_id, state, why or f"see {log_file}")
     if path.exists():  # the run wrote its own (interrupted on SIGTERM): that one stands
         return
     word = (state.upper().split() or [""])[0]
     write_json_atomic(path, {
-        "status": "interrupted" if word in _INTERRUPTED else "failed", "skipped": False, "record": None,
+        "status": "interrupted" if word in _INTERRUPTED or never_started else "failed", "skipped": False,
+        "record": None,
         "overrides": list(overrides),
         "error": f"SLURM job {job.job_id} ended ({state}) before its run recorded anything: {why or log_file}",
     })  # fmt: skip
