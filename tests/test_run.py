@@ -109,6 +109,27 @@ def test_rerun_skips_a_finished_run(tmp_path, capsys):
     assert len(records(tmp_path)) == 2
 
 
+def test_a_finished_run_without_its_delta_file_trains_again(tmp_path, capsys):
+    """With save_delta=true a record whose delta file is gone is not finished: the rerun writes both again."""
+    args = [*QUICK, "dataset=digits", "protocol=tune", "method=bitfit"]
+    assert run_inproc(tmp_path, *args)["status"] == "ok"
+    [path] = records(tmp_path)
+    delta = path.with_suffix(".safetensors")
+    expected = vpeft.read_delta(delta)[0]
+    delta.unlink()
+    capsys.readouterr()
+    again = run_inproc(tmp_path, *args)
+    assert f"rerun (finished, but its delta file {delta.name} is missing (save_delta=true))" in capsys.readouterr().out
+    assert again["status"] == "ok" and delta.is_file() and read_record(path)["delta_file"] == delta.name
+    tensors = vpeft.read_delta(delta)[0]
+    assert tensors.keys() == expected.keys()
+    run_inproc(tmp_path, *args)  # now finished
+    assert "skipped (finished)" in capsys.readouterr().out
+    delta.unlink()
+    run_inproc(tmp_path, *args, "save_delta=false")  # without save_delta the record alone is the result
+    assert "skipped (finished)" in capsys.readouterr().out and not delta.exists()
+
+
 def test_odd_images_end_to_end(tmp_path):
     task = write_task(
         tmp_path / "odd",

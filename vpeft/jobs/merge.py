@@ -299,7 +299,7 @@ def _finished_delta(plan: Plan, task: str, protocol: str) -> Path:
         raise DataError(f"the {protocol} run of {task} at {path} is {record['status']} or has no delta file: {how}")
     delta = path.with_name(record["delta_file"])
     if not delta.is_file():
-        raise DataError(f"the delta file {delta} of {path} is missing: {how} with skip_finished=false")
+        raise DataError(f"the delta file {delta} of {path} is missing: {how} (a finished run without it trains again)")
     return delta
 
 

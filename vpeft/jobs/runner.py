@@ -99,6 +99,10 @@ class Job:
         """One line about a finished record (printed when it is skipped)."""
         return str(record.get("status"))
 
+    def lacks(self, record: dict[str, Any], plan: Plan) -> str | None:
+        """What a finished record of this plan lacks, so that the job runs again instead of being skipped."""
+        return None
+
 
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -188,7 +192,11 @@ def _run(job: Job, cfg: DictConfig) -> dict[str, Any] | None:
             previous = job.read(plan.record_path)
         except (OSError, ValueError):
             previous = None
-        if previous is not None and previous.get("status", "ok") == "ok":
+        missing = job.lacks(previous, plan) if previous is not None else None
+        if missing:
+            log.warning("%s is finished but %s: running it again", plan.record_path, missing)
+            print(f"rerun (finished, but {missing}): {plan.record_path}")
+        elif previous is not None and previous.get("status", "ok") == "ok":
             log.info("skip: %s is finished (%s)", plan.record_path, job.describe(previous))
             print(f"skipped (finished): {plan.record_path}")
             _write_status(previous, True, plan)

@@ -179,6 +179,17 @@ class TrainJob(Job):
     def describe(self, record: dict[str, Any]) -> str:
         return f"top-1 {record['metrics']['top1']}"
 
+    def lacks(self, record: dict[str, Any], plan: Plan) -> str | None:
+        """With save_delta, a finished run whose delta file is gone (or was never written) trains again."""
+        if record.get("status") != "ok" or not plan.cfg.save_delta:
+            return None
+        name = record.get("delta_file")
+        if not name:
+            return "its record has no delta file (save_delta=true)"
+        if not plan.record_path.with_name(name).is_file():
+            return f"its delta file {name} is missing (save_delta=true)"
+        return None
+
     def execute(self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context) -> None:
         from hydra.utils import instantiate
 
