@@ -56,16 +56,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default=None, help="recipe name (default: vtab1k_<method>)")
     parser.add_argument(
         "--grid",
-        nargs="+",
+        action="append",
         metavar="KEY=V1,V2",
         default=None,
-        help="replace the recipe's tune grid, e.g. --grid optim.lr=1e-3,5e-3 optim.weight_decay=1e-4",
+        help="replace the recipe's tune grid, one key per --grid, e.g. --grid optim.lr=1e-3,5e-3 --grid method.r=4,8",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("-")]
     if unknown:
         parser.error(f"unknown option {unknown[0]}; what is not an option is a run.py override (optim.lr=1e-3)")
+    swept = [o for o in overrides if "=" in o and "," in o.split("=", 1)[1] and o.split("=", 1)[1][:1] not in "[{'\""]
+    if swept:
+        key, values = swept[0].split("=", 1)
+        parser.error(
+            f"{swept[0]} would sweep every stage, the final runs included; a tune grid takes --grid {key}={values}"
+        )
     experiment = args.experiment or f"vtab1k_{args.method}"
     if not (ROOT / "conf" / "experiment" / f"{experiment}.yaml").is_file():
         known = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("vtab1k_*.yaml"))
@@ -78,10 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("; ".join(line for line in str(e).splitlines() if line and not line[0].isspace()))
     grid = OmegaConf.to_container(cfg.sweep.grid, resolve=True)
     if args.grid:
-        try:
-            grid = {k: v.split(",") for k, v in (item.split("=", 1) for item in args.grid)}
-        except ValueError:
-            parser.error(f"--grid takes KEY=V1,V2 items, got {args.grid}")
+        bad = [item for item in args.grid if "=" not in item or not item.split("=", 1)[1]]
+        if bad:
+            parser.error(f"--grid takes one KEY=V1,V2 item, got {bad[0]!r}")
+        grid = {k: v.split(",") for k, v in (item.split("=", 1) for item in args.grid)}
     seeds = args.seeds or ",".join(str(s) for s in cfg.sweep.seeds)
     results = Path(cfg.paths.results)
     backbone = backbone_id(OmegaConf.to_container(cfg.backbone, resolve=True))

@@ -154,3 +154,28 @@ def test_records_are_written_readable_by_others(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_vtab1k_grid_items_and_overrides_stay_apart(tmp_path):
+    """Overrides after --grid go to every stage (the final runs and the select stage's config included), the
+    grid to the tune stage only; a swept override outside --grid, which would sweep the final runs, is refused."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "vtab1k.py"), "lora", "--tasks", "digits", "--dry-run",
+           "--grid", "optim.lr=1e-3,5e-3", "--grid", "optim.weight_decay=0,1e-4",
+           "backbone=vit_tiny_random", f"paths.results={tmp_path / 'runs'}"]  # fmt: skip
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    tune, final = [line.split() for line in res.stdout.splitlines() if line.startswith("$ ")]
+    assert "protocol=tune" in tune and "optim.lr=1e-3,5e-3" in tune and "optim.weight_decay=0,1e-4" in tune
+    assert "protocol=final" in final and not any(a.startswith(("optim.lr", "optim.weight_decay")) for a in final)
+    for stage in (tune, final):
+        assert "backbone=vit_tiny_random" in stage and f"paths.results={tmp_path / 'runs'}" in stage
+    hparams = tmp_path / "hparams" / "vit_tiny_patch16_224+random" / "lora.json"
+    assert f"over ['optim.lr', 'optim.weight_decay'] -> {hparams}" in res.stdout
+    assert f"hparams={hparams}" in final
+
+    res = subprocess.run([*cmd[:-2], "optim.weight_decay=0,1e-4"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1
+    assert "optim.weight_decay=0,1e-4 would sweep every stage" in res.stderr
+    assert "a tune grid takes --grid optim.weight_decay=0,1e-4" in res.stderr
+    res = subprocess.run([*cmd[:6], "--grid", "optim.lr"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "--grid takes one KEY=V1,V2 item, got 'optim.lr'" in res.stderr
