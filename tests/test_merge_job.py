@@ -138,13 +138,17 @@ def test_leaderboard_composition_section_from_merge_records_and_fusion_runs(pool
     assert row["normalized"] == pytest.approx(100 * ta["metrics"]["mean_normalized"], abs=1e-4)
     assert row["individual_top1"] == pytest.approx(ta["metrics"]["mean_individual_top1"], abs=1e-4)
     lora_final = [r for _, r in iter_records(tmp / "runs") if r["method"] == "lora" and r["protocol"] == "final"]
-    assert row["params"] == lora_final[0]["params"]["trainable_excl_head"]
+    assert row["params"] == row["delta_params"] == lora_final[0]["params"]["trainable_excl_head"]
     assert "negation" not in set(comp["algorithm"])  # forgetting is its own table
     fusion = comp[comp["algorithm"] == "AdapterFusion"].iloc[0]
     assert fusion["method"] == "adapter_pfeiffer" and fusion["n_tasks"] == 2
     by_hand = [100 * fused[r]["metrics"]["top1"] / adapters[r]["metrics"]["top1"] for r in adapters]
     assert fusion["normalized"] == pytest.approx(sum(by_hand) / 2, abs=1e-4)
     assert fusion["top1"] == pytest.approx(sum(fused[r]["metrics"]["top1"] for r in adapters) / 2, abs=1e-4)
+    adapter = next(iter(adapters.values()))["params"]["trainable_excl_head"]
+    fusion_layers = next(iter(fused.values()))["params"]["trainable_excl_head"]
+    assert fusion["delta_params"] == adapter  # the table's column: one task's adapter
+    assert fusion["params"] == fusion_layers + 2 * adapter  # the plot: the fusion layers and both adapters
     md = written["leaderboard.md"].read_text()
     assert "## Composition (merge records, AdapterFusion runs)" in md and "Negation: forgetting one task" in md
     assert f"{ta['metrics']['mean_top1']:.1f} ({100 * ta['metrics']['mean_normalized']:.0f}%)" in md

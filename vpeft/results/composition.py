@@ -11,8 +11,10 @@ Two sources, both records:
 
 Definitions (as the page states them): a cell is the mean over the pool's tasks of the merged (or
 fused) top-1 and of the normalized accuracy (merged / individual, in %); "individual" is the mean
-top-1 of the method's own deltas on the same tasks; trainable parameters are those of one task's
-delta, excluding the head, from its run record. Negation records (forgetting) are listed apart.
+top-1 of the method's own deltas on the same tasks; ``delta_params`` are the trainable parameters of one
+task's delta, excluding the head, from its run record; ``params`` what one task's composed model trained
+beyond the backbone and its head: the delta's for a merge (one merged delta serves every task), the
+fusion layers plus the pool's adapters for AdapterFusion. Negation records (forgetting) are listed apart.
 """
 
 from __future__ import annotations
@@ -156,8 +158,9 @@ def composition_frame(merges: pd.DataFrame, runs: pd.DataFrame | None = None) ->
             "backbone": m["backbone"], "method": m["method"], "tasks": m["tasks"], "n_tasks": m["n_tasks"],
             "algorithm": m["algorithm"], "space": m["space"], "top1": m["mean_top1"],
             "normalized": 100 * m["mean_normalized"], "individual_top1": m["mean_individual_top1"],
-            "chosen": m["chosen"], "params": _params_of(runs, m["run_records"]), "records": [m["path"]],
+            "chosen": m["chosen"], "delta_params": _params_of(runs, m["run_records"]), "records": [m["path"]],
         })  # fmt: skip
+        rows[-1]["params"] = rows[-1]["delta_params"]
     if runs is not None and not runs.empty:
         fusion = fusion_frame(runs)
         for (backbone, method, tasks), g in fusion.groupby(["backbone", "method", "tasks"], sort=True):
@@ -165,15 +168,17 @@ def composition_frame(merges: pd.DataFrame, runs: pd.DataFrame | None = None) ->
             if set(g["dataset"]) != set(tasks.split("+")):
                 continue  # a pool with a task not yet fused
             own = _params_of(runs, list(g["individual_path"]))
+            fusion_params = float(g["params"].median())
             rows.append({
                 "backbone": backbone, "method": method, "tasks": tasks, "n_tasks": len(g), "algorithm": FUSION_LABEL,
                 "space": "fusion (trained per task)", "top1": g["top1"].mean(), "normalized": g["normalized"].mean(),
                 "individual_top1": g["individual_top1"].mean(),
-                "chosen": f"{int(g['params'].median()):,} fusion parameters per task",
-                "params": own, "records": sorted(g["path"]),
+                "chosen": f"{int(fusion_params):,} fusion parameters per task",
+                "delta_params": own, "params": None if own is None else fusion_params + len(g) * own,
+                "records": sorted(g["path"]),
             })  # fmt: skip
     cols = ["backbone", "method", "tasks", "n_tasks", "algorithm", "space", "top1", "normalized", "individual_top1",
-            "chosen", "params", "records"]  # fmt: skip
+            "chosen", "delta_params", "params", "records"]  # fmt: skip
     return pd.DataFrame(rows, columns=cols).sort_values(["backbone", "tasks", "method", "algorithm"], ignore_index=True)
 
 

@@ -420,7 +420,9 @@ COMPOSITION_NOTES = [
     "on test.",
     "Weight space: the change a delta makes to the backbone's weights, merged into one backbone. Delta space: the "
     "delta's own tensors (prompts, adapter weights) averaged: a different operation. AdapterFusion: trained on "
-    "each task over the pool's frozen adapters (a run per task; its parameters are the fusion layers').",
+    "each task over the pool's frozen adapters (a run per task).",
+    "params (M): one task's delta. In the plot, what one task's composed model trained beyond the backbone and "
+    "its head: the delta's for a merge, the fusion layers plus the pool's adapters for AdapterFusion.",
 ]
 
 
@@ -435,7 +437,7 @@ def composition_tables(comp: pd.DataFrame, neg: pd.DataFrame, out_dir: Path | No
             first = rows.iloc[0]
             cell: dict[str, Any] = {
                 "method": method,
-                "params (M)": _params(None if _na(first["params"]) else first["params"] / 1e6),
+                "params (M)": _params(None if _na(first["delta_params"]) else first["delta_params"] / 1e6),
                 "own deltas": _num(first["individual_top1"], ".1f"),
             }
             for a in algorithms:
@@ -445,6 +447,8 @@ def composition_tables(comp: pd.DataFrame, neg: pd.DataFrame, out_dir: Path | No
                     continue
                 h = hit.iloc[0]
                 tip = f"{h['space']}; {h['chosen']}" if h["chosen"] else h["space"]
+                if a == "AdapterFusion" and not _na(h["params"]):
+                    tip += f"; {h['params'] / 1e6:.3g} M parameters trained per task with the pool's adapters"
                 space = " (delta space)" if h["space"] == "delta" else ""
                 cell[a] = (f"{h['top1']:.1f} ({h['normalized']:.0f}%){space}", tip)
             cell["records"] = [
@@ -474,7 +478,8 @@ def composition_tables(comp: pd.DataFrame, neg: pd.DataFrame, out_dir: Path | No
 
 def composition_plots(comp: pd.DataFrame, out_dir: Path) -> list[Plot]:
     """Per (backbone, pool) with at least two methods: normalized accuracy of each method's best merge (by the
-    mean normalized accuracy over the pool) and of AdapterFusion, against the delta's trainable parameters."""
+    mean normalized accuracy over the pool) and of AdapterFusion, against what one task's composed model trained
+    (``params``: the delta's for a merge, the fusion layers plus the pool's adapters for AdapterFusion)."""
     plots = []
     for (backbone, tasks), g in comp.groupby(["backbone", "tasks"], sort=True):
         g = g[g["params"].notna()]
