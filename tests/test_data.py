@@ -842,3 +842,54 @@ def test_cache_files_follow_the_umask(tmp_path):
             os.umask(old)
         modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / f"c{umask:o}").iterdir()}
         assert modes == {mode}, (oct(umask), modes)
+
+
+class FakeGTSRB:
+    """Stands in for torchvision.datasets.GTSRB (and StanfordCars): (path, label) pairs in ``_samples``."""
+
+    n_classes = 43
+
+    def __init__(self, root, split="train", download=False, **kwargs):
+        n, self.offset = (1100, 0) if split == "train" else (90, 5000)
+        self._samples = [(f"{split}/{k:05d}.ppm", k % self.n_classes) for k in range(n)]
+        self.decoded = 0
+
+    def __len__(self):
+        return len(self._samples)
+
+    def __getitem__(self, i):
+        self.decoded += 1
+        return solid(self.offset + i), self._samples[i][1]
+
+
+@pytest.mark.parametrize(
+    "name, cls, n_classes", [("gtsrb", "GTSRB", 43), ("stanford_cars", "StanfordCars", 196), ("mnist", "MNIST", 10)]
+)
+def test_task_arithmetic_pool_tasks_beyond_vtab_are_split_as_vtab_splits(tmp_path, monkeypatch, name, cls, n_classes):
+    """GTSRB, Stanford Cars and MNIST: 800/200 from the official train split, the official test split, each
+    image read once; their configs point at <vtab_root>/<name>."""
+    from hydra import compose, initialize_config_dir
+
+    opened = []
+
+    class Fake(FakeGTSRB):
+        def __init__(self, root, split=None, train=None, download=False, **kwargs):
+            self.n_classes = n_classes
+            super().__init__(root, split or ("train" if train else "test"), download)
+            if cls == "MNIST":  # MNIST keeps a targets list instead
+                self.targets = [label for _, label in self._samples]
+            opened.append(self)
+
+    monkeypatch.setattr(torchvision.datasets, cls, Fake)
+    kw = dict(vtab_root=tmp_path / "vtab", download_root=tmp_path / "dl", interpolation="nearest")
+    final = load_task(name, "final", (2, 2), **kw)
+    train, test = index_of(final.train.images), index_of(final.eval.images)
+    assert len(set(train)) == 1000 and max(train) < 1100 and sorted(test) == list(range(5000, 5090))
+    assert final.train.labels.tolist() == [k % n_classes for k in train]
+    assert final.eval.labels.tolist() == [k % n_classes for k in range(90)] and final.num_classes == n_classes
+    assert final.source.startswith(f"torchvision:{cls} (VTAB-1k split built: 800/200 from train, seed 0; official")
+    assert sum(ds.decoded for ds in opened) == 1000 + 90  # train800val200 and test, each image once
+    root = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        cfg = compose("config", [f"dataset={name}", "paths.vtab_root=/data/vtab"])
+    assert cfg.dataset.name == name and cfg.dataset.root == f"/data/vtab/{name}"

@@ -1,4 +1,5 @@
-"""VTAB-1k tasks built from torchvision datasets when no task folder exists.
+"""VTAB-1k tasks built from torchvision datasets when no task folder exists, and the task-arithmetic
+pool's tasks outside VTAB (MNIST, GTSRB, Stanford Cars) split the same way.
 
 VTAB-1k draws 1,000 training images from a dataset's official training data (train and val
 together where both exist), 800 to train on and 200 to validate with, and tests on the official
@@ -147,6 +148,24 @@ TASKS: dict[str, TorchvisionTask] = {
         "from the scenes' JSON",
     ),
 }
+
+# The task-arithmetic pool (Ilharco et al., ICLR 2023: SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST,
+# DTD) beyond VTAB-1k's tasks, with VTAB-1k's 800/200 drawn from the official train split and the
+# official test split (the literature trains these on the whole train split: the source string says 1k).
+EXTRA_TASKS: dict[str, TorchvisionTask] = {
+    "mnist": TorchvisionTask("MNIST", 10, ({"train": True},), {"train": False}, classes=tuple("0123456789")),
+    "gtsrb": TorchvisionTask(
+        "GTSRB", 43, ({"split": "train"},), {"split": "test"}, classes=tuple(str(k) for k in range(43))
+    ),
+    "stanford_cars": TorchvisionTask(
+        "StanfordCars",
+        196,
+        ({"split": "train"},),
+        {"split": "test"},
+        note="torchvision's download of Stanford Cars no longer works: its files go under the download root by hand",
+    ),
+}
+TASKS.update(EXTRA_TASKS)
 
 
 def _dataset_class(name: str) -> Callable[..., Any]:

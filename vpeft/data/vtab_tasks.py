@@ -11,7 +11,7 @@ from vpeft.data.base import DATASETS, Request, Resolved, layout
 from vpeft.data.dsprites import TASKS as DSPRITES_TASKS
 from vpeft.data.dsprites import resolve_dsprites
 from vpeft.data.folder import resolve_folder
-from vpeft.data.torchvision_tasks import TASKS, resolve_torchvision
+from vpeft.data.torchvision_tasks import EXTRA_TASKS, TASKS, resolve_torchvision
 from vpeft.errors import DataError
 from vpeft.vtab import TASKS as VTAB_TASKS
 
@@ -61,3 +61,5 @@ def resolve_vtab(name: str, req: Request) -> Resolved:
 for _task in VTAB_TASKS:  # dSprites: the official npz, a task folder, or regenerated (vpeft.data.dsprites)
     _resolver = resolve_dsprites if _task in DSPRITES_TASKS else resolve_vtab
     DATASETS.register(_task)(functools.partial(_resolver, _task))
+for _task in EXTRA_TASKS:  # the task-arithmetic pool beyond VTAB: a task folder, else torchvision
+    DATASETS.register(_task)(functools.partial(resolve_vtab, _task))
