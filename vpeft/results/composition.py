@@ -154,13 +154,13 @@ def composition_frame(merges: pd.DataFrame, runs: pd.DataFrame | None = None) ->
     ok = merges[(merges["status"] == "ok") & (merges["algorithm"] != "negation")] if not merges.empty else merges
     rows = []
     for _, m in ok.iterrows():
+        delta_params = _params_of(runs, m["run_records"])  # one merged delta serves every task
         rows.append({
             "backbone": m["backbone"], "method": m["method"], "tasks": m["tasks"], "n_tasks": m["n_tasks"],
             "algorithm": m["algorithm"], "space": m["space"], "top1": m["mean_top1"],
             "normalized": 100 * m["mean_normalized"], "individual_top1": m["mean_individual_top1"],
-            "chosen": m["chosen"], "delta_params": _params_of(runs, m["run_records"]), "records": [m["path"]],
+            "chosen": m["chosen"], "delta_params": delta_params, "params": delta_params, "records": [m["path"]],
         })  # fmt: skip
-        rows[-1]["params"] = rows[-1]["delta_params"]
     if runs is not None and not runs.empty:
         fusion = fusion_frame(runs)
         for (backbone, method, tasks), g in fusion.groupby(["backbone", "method", "tasks"], sort=True):
