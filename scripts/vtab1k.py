@@ -4,9 +4,9 @@
 
 1. tune:   `run.py -m` over tasks x the recipe's grid (conf/experiment/vtab1k_<method>.yaml), protocol=tune
            (train800 -> val200, seed 0);
-2. select: per task, the grid point with the best mean val200 top-1 -> <paths.results>/../hparams/
-   <backbone>/<method>.json (outputs/hparams by default)
-           (rerun the finals from this file without the search: `run.py hparams=<file> ...`);
+2. select: per task tuned under the recipe (these tasks and any tuned before), the grid point with
+           the best mean val200 top-1 -> <paths.results>/../hparams/<backbone>/<method>.json
+           (outputs/hparams by default; the finals rerun from it without the search: `run.py hparams=<file>`);
 3. final:  `run.py -m` over tasks x seeds with hparams=<that file>, protocol=final (train800val200 -> test).
 
 Extra arguments are Hydra overrides passed to every run, e.g. `hydra/launcher=submitit_slurm
@@ -115,21 +115,25 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"select: best val200 top-1 per task over {list(grid)} -> {hparams}")
                 continue
             records = [r for _, r in iter_records(results) if get_path(r.get("config") or {}, "recipe") == recipe]
+            # every task tuned under this recipe keeps its choice, so tasks can be run in batches
             chosen = select_hparams(records, list(grid), method=cfg.method.name, backbone=backbone)
-            chosen = {t: v for t, v in chosen.items() if t in args.tasks.split(",")}
-            missing = sorted(set(args.tasks.split(",")) - set(chosen))
-            if not chosen:
+            tasks = args.tasks.split(",")
+            missing = sorted(set(tasks) - set(chosen))
+            if not set(chosen) & set(tasks):
                 print(
                     f"select: no finished tune runs of {cfg.method.name} on {backbone} under {results}"
                     f" (recipe {recipe})"
                 )
                 return 1
             write_hparams(hparams, chosen, cfg.method.name, backbone, list(grid))
-            for task, c in chosen.items():
+            for task in (t for t in tasks if t in chosen):
+                c = chosen[task]
                 print(f"  {task:22s} val top-1 {c['val_top1']:6.2f}  {c['values']}  ({c['n_candidates']} grid points)")
             if missing:
                 print(f"select: no finished tune runs for {', '.join(missing)}: their final runs will fail")
-            print(f"select: wrote {hparams}")
+            others = sorted(set(chosen) - set(tasks))
+            kept = f" (with the choices for {', '.join(others)}, tuned earlier under this recipe)" if others else ""
+            print(f"select: wrote {hparams}{kept}")
         elif stage == "final" and launch(["protocol=final", f"seed={seeds}", f"hparams={hparams}"]) != 0:
             return 1
     return 0

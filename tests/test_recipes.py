@@ -181,28 +181,36 @@ def test_the_select_stage_counts_only_the_recipes_runs(tmp_path, capsys):
     import subprocess
     import sys
 
-    runs = tmp_path / "runs" / "svhn"
-    runs.mkdir(parents=True)
+    results = tmp_path / "runs"
 
     root = Path(__file__).resolve().parents[1]
     template = json.loads(next((root / "results" / "runs").rglob("tune-seed0-*.json")).read_text())
 
-    def record(i, recipe, top1):
+    def record(i, recipe, top1, task="svhn"):
         config = {**template["config"], "optim": {"lr": 1e-3 * (i + 1), "weight_decay": 1e-4}, "recipe": recipe}
         r = {
-            **template, "dataset": "svhn", "method": "bitfit", "backbone": "vit_base_patch16_224.orig_in21k",
+            **template, "dataset": task, "method": "bitfit", "backbone": "vit_base_patch16_224.orig_in21k",
             "protocol": "tune", "seed": 0, "status": "ok", "metrics": {**template["metrics"], "top1": top1},
             "config": config, "config_hash": f"{i:010d}",
         }  # fmt: skip
-        (runs / f"r{i}.json").write_text(json.dumps(r))
+        (results / task).mkdir(parents=True, exist_ok=True)
+        (results / task / f"r{i}.json").write_text(json.dumps(r))
+
+    def select(task):
+        out = subprocess.run(
+            [sys.executable, str(root / "scripts" / "vtab1k.py"), "bitfit", "--stage", "select", "--tasks", task,
+             f"paths.results={results}"],
+            cwd=root, capture_output=True, text=True,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        return json.loads((tmp_path / "hparams" / "vit_base_patch16_224.orig_in21k" / "bitfit.json").read_text())
 
     record(0, None, 99.0)  # a run from before the recipe named itself: never chosen
     record(1, "vtab1k_bitfit", 50.0)
-    out = subprocess.run(
-        [sys.executable, str(root / "scripts" / "vtab1k.py"), "bitfit", "--stage", "select", "--tasks", "svhn",
-         f"paths.results={tmp_path / 'runs'}"],
-        cwd=root, capture_output=True, text=True,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout + out.stderr
-    chosen = json.loads((tmp_path / "hparams" / "vit_base_patch16_224.orig_in21k" / "bitfit.json").read_text())
-    assert chosen["tasks"]["svhn"]["values"]["optim.lr"] == 2e-3
+    assert select("svhn")["tasks"]["svhn"]["values"]["optim.lr"] == 2e-3
+    # a second batch of tasks keeps the first batch's choice in the file
+    record(2, "vtab1k_bitfit", 40.0, task="dtd")
+    record(3, "vtab1k_bitfit", 60.0, task="dtd")
+    chosen = select("dtd")["tasks"]
+    assert chosen["dtd"]["values"]["optim.lr"] == 4e-3
+    assert chosen["svhn"]["values"]["optim.lr"] == 2e-3
