@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SHARED_CIFAR10 = ROOT.parent / "shared" / "data" / "vtab-1k" / "cifar10"
-OFFLINE_POOL = ["digits", "fashion_mnist", f"folder:{SHARED_CIFAR10}"]
+# every real task the data layer builds without a network: two torchvision/sklearn sets, the VTAB-1k
+# cifar10 folder of ../shared and VTAB's dSprites location task, regenerated from its factor definitions
+OFFLINE_POOL = ["digits", "fashion_mnist", f"folder:{SHARED_CIFAR10}", "dsprites_loc"]
 METHODS = ["lora", "ssf", "bitfit", "ia3", "full", "adapter_pfeiffer"]
 ALGORITHMS = ["task_arithmetic", "ties", "dare_ties", "weighted_average"]
 
