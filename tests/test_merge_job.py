@@ -17,10 +17,11 @@ SPLITS = ("train800", "val200", "train800val200", "test")
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    """Two small real-image task folders, each task's tune and final LoRA runs done."""
+    """Two small real-image task folders, each task's tune and final LoRA runs done (a pool not in
+    alphabetical order: a pool is a set of tasks wherever it is shown)."""
     tmp = tmp_path_factory.mktemp("merge")
     tasks = []
-    for k, name in enumerate(("alpha", "beta")):
+    for k, name in enumerate(("beta", "alpha")):
         root = write_noah(tmp / "tasks" / name, {s: odd_images(12, seed=k * 10 + i) for i, s in enumerate(SPLITS)})
         tasks.append(f"folder:{root}")
         for protocol in ("tune", "final"):
@@ -37,7 +38,7 @@ def merge(tmp, tasks, *overrides):
 def test_a_merge_record_per_task_and_normalized_accuracy(pool):
     tmp, tasks = pool
     record = merge(tmp, tasks, "merge=task_arithmetic", "merge.grid.lam=[0.0,1.0]")
-    assert record["status"] == "ok" and record["tasks"] == ["alpha", "beta"]
+    assert record["status"] == "ok" and record["tasks"] == ["beta", "alpha"]
     assert record["params"]["lam"] in (0.0, 1.0) and len(record["selection"]["grid"]) == 2
     for task in record["per_task"].values():
         assert task["normalized"] == pytest.approx(task["top1"] / task["individual_top1"])
@@ -71,7 +72,7 @@ def test_negation_records_the_drop_and_the_control(pool):
     tmp, tasks = pool
     record = merge(tmp, tasks, "merge=negation", "merge.grid.lam=[0.5,1.0]")
     assert record["status"] == "ok" and record["algorithm"] == "negation"
-    target = record["per_task"]["alpha"]
+    target = record["per_task"]["beta"]
     assert record["metrics"]["target_drop"] == pytest.approx(target["individual_top1"] - target["top1"])
     assert "control" in record["selection"]["rule"]
 
@@ -140,6 +141,7 @@ def test_leaderboard_composition_section_from_merge_records_and_fusion_runs(pool
     lora_final = [r for _, r in iter_records(tmp / "runs") if r["method"] == "lora" and r["protocol"] == "final"]
     assert row["params"] == row["delta_params"] == lora_final[0]["params"]["trainable_excl_head"]
     assert "negation" not in set(comp["algorithm"])  # forgetting is its own table
+    assert set(comp["tasks"]) == {"alpha+beta"}  # merges and fusion runs of one pool: one table
     fusion = comp[comp["algorithm"] == "AdapterFusion"].iloc[0]
     assert fusion["method"] == "adapter_pfeiffer" and fusion["n_tasks"] == 2
     by_hand = [100 * fused[r]["metrics"]["top1"] / adapters[r]["metrics"]["top1"] for r in adapters]

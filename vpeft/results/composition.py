@@ -156,7 +156,8 @@ def composition_frame(merges: pd.DataFrame, runs: pd.DataFrame | None = None) ->
     for _, m in ok.iterrows():
         delta_params = _params_of(runs, m["run_records"])  # one merged delta serves every task
         rows.append({
-            "backbone": m["backbone"], "method": m["method"], "tasks": m["tasks"], "n_tasks": m["n_tasks"],
+            "backbone": m["backbone"], "method": m["method"], "n_tasks": m["n_tasks"],
+            "tasks": "+".join(sorted(m["tasks"].split("+"))),  # a pool is a set: merges and fusion runs meet
             "algorithm": m["algorithm"], "space": m["space"], "top1": m["mean_top1"],
             "normalized": 100 * m["mean_normalized"], "individual_top1": m["mean_individual_top1"],
             "chosen": m["chosen"], "delta_params": delta_params, "params": delta_params, "records": [m["path"]],
