@@ -14,6 +14,7 @@ import html
 import math
 import os
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -776,7 +777,7 @@ def plot_tradeoff(
         ax.set_axisbelow(True)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(title, fontsize=11)
+        ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=11)  # a long pool wraps, never clipped
         ax.legend(loc="lower right", fontsize=8, frameon=False)
         fig.canvas.draw()
         _place_labels(fig, ax, xs, ys, labels)
