@@ -12,7 +12,7 @@ import pytest
 from test_run import odd_images, write_task
 
 from vpeft.results import iter_records
-from vpeft.sweep import select_hparams
+from vpeft.vtab import select_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["backbone=vit_tiny_random", "trainer.epochs=1", "trainer.warmup_epochs=0", "bench.latency=false"]

@@ -23,8 +23,7 @@ from vpeft.errors import (
     UnsupportedModelError,
     VpeftError,
 )
-
-__version__ = "0.1.0"
+from vpeft.version import __version__
 
 __all__ = [
     "ConfigError",

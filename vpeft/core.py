@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from vpeft.errors import DataError, VpeftError
+from vpeft.errors import VpeftError
 from vpeft.layers.delta import Delta
 from vpeft.methods import METHODS, Method
 from vpeft.methods._base import head_parameters
-from vpeft.results.store import atomic_path
+from vpeft.methods._delta_file import (
+    DELTA_FORMAT,
+    WEIGHTS_ATTR,
+    MissingDeltaError,
+    backbone_name,
+    mark_weights,
+    read_delta,
+    weights_source,
+    write_delta,
+)
 
-DELTA_FORMAT = "vpeft.delta/1"
-WEIGHTS_ATTR = "vpeft_weights"  # where the model's weights came from, set by mark_weights
+__all__ = [  # the delta file's format and the model's marks live in vpeft.methods._delta_file
+    "DELTA_FORMAT", "WEIGHTS_ATTR", "MissingDeltaError", "ParamCount", "applied_method", "apply_method",
+    "backbone_name", "count_parameters", "delta_state_dict", "list_methods", "load_delta", "mark_weights", "merge",
+    "read_delta", "save_delta", "trainable_parameters", "weights_source",
+]  # fmt: skip
 
 
 def list_methods() -> list[str]:
@@ -99,36 +108,6 @@ def delta_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach() for name, p in trainable_parameters(model).items()}
 
 
-def backbone_name(model: nn.Module) -> str | None:
-    """timm's ``architecture``, with ``.tag`` only when the model is marked as holding that tag's weights.
-
-    timm fills ``pretrained_cfg`` (tag included) for a randomly initialised model too, and keeps its own tag
-    when a local checkpoint is loaded, so the tag alone would claim weights that were never loaded. It is kept
-    only for models marked (``mark_weights``) as loaded from timm's pretrained weights.
-    """
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    arch, tag = cfg.get("architecture"), cfg.get("tag")
-    if arch and tag and str(weights_source(model) or "").startswith("timm:"):
-        return f"{arch}.{tag}"
-    return arch
-
-
-def mark_weights(model: nn.Module, weights: str) -> nn.Module:
-    """Record where ``model``'s weights came from (``Backbone.weights``: ``timm:<id>``, ``checkpoint:<path>``,
-    ``offline:<source>`` or ``random``); delta files name it, and ``backbone_name`` keeps the tag only for timm's."""
-    model.__dict__[WEIGHTS_ATTR] = str(weights)
-    return model
-
-
-def weights_source(model: nn.Module) -> str | None:
-    """Where ``model``'s weights came from, as marked by ``mark_weights``; None when nobody said."""
-    return model.__dict__.get(WEIGHTS_ATTR)
-
-
-class MissingDeltaError(DataError, FileNotFoundError):
-    """No delta file at the path: a DataError, and a FileNotFoundError for callers that catch that."""
-
-
 def save_delta(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write the delta and its metadata (method, config, backbone, weights) to a safetensors file, atomically.
 
@@ -137,71 +116,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] 
     method = _method(model)
     tensors, config = method.export_delta(model, delta_state_dict(model))
     tensors = {k: v.contiguous().clone() for k, v in tensors.items()}
-    meta = {
-        "format": DELTA_FORMAT,
-        "method": method.name,
-        "config": json.dumps(config),
-        "backbone": backbone_name(model) or "",
-        "weights": weights_source(model) or "",
-        "extra": json.dumps(extra or {}),
-    }
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return path
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
-def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and the decoded metadata of a delta file.
-
-    A missing, empty, truncated or foreign file raises DataError naming the path and the problem.
-    """
-    path = Path(path)
-    if not path.is_file():
-        what = "a folder, not a delta file" if path.is_dir() else "no delta file"
-        raise MissingDeltaError(f"{what} at {path}")
-    size = path.stat().st_size
-    if size == 0:
-        raise DataError(f"{path} is empty (0 bytes), not a delta file: a write or copy was cut off; save it again")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != DELTA_FORMAT:
-                raise DataError(
-                    f"{path} is not a vpeft delta file (format {meta.get('format')!r}, expected {DELTA_FORMAT})"
-                )
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except VpeftError:
-        raise
-    except Exception as e:  # safetensors' header and size checks, torch's allocation: all mean a broken file
-        raise DataError(
-            f"{path} ({size} bytes) is not a readable safetensors file ({_first_line(e)}): it is truncated "
-            "(a write or copy was cut off) or not a delta file"
-        ) from e
-    try:
-        info = {
-            "method": meta["method"],
-            "config": json.loads(meta["config"]),
-            "backbone": meta.get("backbone") or None,
-            "weights": meta.get("weights") or None,
-            "extra": json.loads(meta.get("extra", "{}")),
-        }
-        if not isinstance(info["config"], dict) or not isinstance(info["extra"], dict):
-            raise ValueError("config and extra must be JSON objects")
-        if info["method"] in METHODS:  # a field the file predates: the value that file was trained with
-            cls = METHODS.get(info["method"])
-            fields = {f.name for f in dataclasses.fields(cls.Config)}
-            for key, value in cls.legacy_defaults.items():
-                if key in fields:
-                    info["config"].setdefault(key, value)
-    except (KeyError, ValueError) as e:
-        raise DataError(f"{path}: the delta's metadata is broken ({_first_line(e)})") from e
-    return tensors, info
+    return write_delta(path, tensors, method.name, config, backbone_name(model), weights_source(model), extra)
 
 
 def load_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:

@@ -11,14 +11,15 @@ from typing import Any
 
 import torch
 
+from vpeft.errors import ConfigError
+from vpeft.version import __version__
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error that says so."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from vpeft.errors import ConfigError
-
         raise ConfigError("device=cuda but torch sees no CUDA GPU; use device=auto or device=cpu")
     return torch.device(name)
 
@@ -60,8 +61,6 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
     """Everything a record needs to say where its numbers came from."""
     import timm
 
-    import vpeft
-
     device = device or torch.device("cpu")
     env: dict[str, Any] = {
         "device": device.type,
@@ -71,7 +70,7 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
-        "vpeft": vpeft.__version__,
+        "vpeft": __version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(),
     }

@@ -1,121 +1,20 @@
-"""The VTAB-1k protocol's selection step and sweep bookkeeping.
+"""Sweeps on SLURM: ``hydra/launcher=slurm`` (hydra_plugins/vpeft_slurm.py) runs a sweep as one job array.
 
-Tune runs (train800 -> val200) over a grid; for each task the grid point with the best mean val
-top-1 is chosen; the final runs (train800val200 -> test) read the choice from a file that anyone
-can reuse without the search.
+The VTAB-1k protocol's selection step (``select_hparams``, the hyperparameter files) is in ``vpeft.vtab``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vpeft.errors import ConfigError
-from vpeft.results.store import write_json_atomic
+from vpeft.files import write_json_atomic
+from vpeft.jobs.runner import STATUS_FILE
 
-HPARAMS_KIND = "vpeft.hparams/1"
 _log = logging.getLogger("vpeft.sweep")
-
-SELECTION_RULE = "highest mean val200 top-1 over protocol=tune runs with status ok; ties: first grid point in order"
-
-
-def get_path(tree: dict[str, Any], dotted: str) -> Any:
-    cur: Any = tree
-    for part in dotted.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
-
-
-def _order_key(values: tuple) -> str:
-    return json.dumps(values, sort_keys=True, default=str)
-
-
-def select_hparams(
-    records: Iterable[dict[str, Any]],
-    keys: Sequence[str],
-    method: str | None = None,
-    backbone: str | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Per dataset, the values of ``keys`` whose ok tune runs have the best mean top-1 (seeds averaged)."""
-    scores: dict[str, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        if r["protocol"] != "tune" or r["status"] != "ok":
-            continue
-        if (method and r["method"] != method) or (backbone and r["backbone"] != backbone):
-            continue
-        top1 = r["metrics"]["top1"]
-        if top1 is None or not math.isfinite(top1):
-            continue
-        values = tuple(get_path(r["config"], k) for k in keys)
-        scores[r["dataset"]][values].append(float(top1))
-    chosen: dict[str, dict[str, Any]] = {}
-    for task in sorted(scores):
-        candidates = sorted(scores[task].items(), key=lambda kv: _order_key(kv[0]))
-        best_values, best_scores = max(candidates, key=lambda kv: sum(kv[1]) / len(kv[1]))  # max keeps the first
-        chosen[task] = {
-            "values": dict(zip(keys, best_values)),
-            "val_top1": sum(best_scores) / len(best_scores),
-            "n_runs": len(best_scores),
-            "n_candidates": len(candidates),
-        }
-    return chosen
-
-
-def write_hparams(
-    path: str | Path, chosen: dict[str, dict[str, Any]], method: str, backbone: str, keys: Sequence[str]
-) -> Path:
-    return write_json_atomic(
-        path,
-        {
-            "kind": HPARAMS_KIND,
-            "method": method,
-            "backbone": backbone,
-            "keys": list(keys),
-            "selected_by": SELECTION_RULE,
-            "tasks": chosen,
-        },
-    )
-
-
-def read_hparams(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"no hyperparameter file at {path}: run the tune stage and the selection first "
-            f"(python scripts/vtab1k.py <method> --stage tune select), or drop hparams="
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"hyperparameter file {path} is unreadable ({e}); run the select stage again") from None
-    if not isinstance(data, dict) or data.get("kind") != HPARAMS_KIND:
-        kind = data.get("kind") if isinstance(data, dict) else type(data).__name__
-        raise ConfigError(f"{path} is not a vpeft hyperparameter file (kind {kind!r})")
-    if not isinstance(data.get("tasks"), dict) or not all(
-        isinstance(t, dict) and isinstance(t.get("values"), dict) for t in data["tasks"].values()
-    ):
-        raise ConfigError(f"hyperparameter file {path} is malformed (tasks.<task>.values missing); run select again")
-    return data
-
-
-def hparams_for(path: str | Path, dataset: str, method: str) -> dict[str, Any]:
-    """The chosen values for ``dataset`` from a hyperparameter file, checked against the method."""
-    data = read_hparams(path)
-    if data["method"] != method:
-        raise ConfigError(f"{path} holds hyperparameters of {data['method']}, not {method}")
-    if dataset not in data["tasks"]:
-        known = ", ".join(sorted(data["tasks"])) or "none"
-        raise ConfigError(f"{path} has no tuned hyperparameters for {dataset} (it has: {known}); tune that task first")
-    return data["tasks"][dataset]["values"]
-
 
 # -- SLURM ---------------------------------------------------------------------------------------------------------
 # hydra-submitit-launcher as is asks `sacct` for job states, which many small clusters cannot answer
@@ -248,9 +147,6 @@ def launch_slurm(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
 def _status_without_result(launcher: Any, overrides: list[str], idx: int, job: Any, state: str, why: str) -> None:
     """The job's status file, written here when its run could not write one (killed, crashed)."""
     from omegaconf import open_dict
-
-    from vpeft.callbacks import STATUS_FILE
-    from vpeft.results.store import write_json_atomic
 
     cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
     with open_dict(cfg.hydra.job):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vpeft.core import applied_method
+from vpeft.env import device_name as device_name  # the suites name a device as records do
 from vpeft.errors import ConfigError
 
 # name -> autocast dtype (None: plain fp32, no autocast)
@@ -75,12 +76,6 @@ def resolve_input_size(model: nn.Module, input_size: Sequence[int] | int | None)
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    from vpeft.env import device_name as name
-
-    return name(device)
 
 
 def versions() -> dict[str, Any]:

@@ -22,6 +22,7 @@ from vpeft.compose.vectors import (
     task_head,
     task_vector,
 )
+from vpeft.core import applied_method, apply_method, backbone_name
 from vpeft.errors import VpeftError
 from vpeft.methods._base import head_parameters
 
@@ -49,8 +50,6 @@ def apply_vector(backbone: nn.Module, vector: TaskVector, inplace: bool = False)
     is applied with its config and its tensors loaded as the delta. The classifier is the backbone's
     until ``put_head`` sets a task's.
     """
-    from vpeft.core import applied_method, backbone_name
-
     if applied_method(backbone) is not None:
         raise VpeftError(
             f"the backbone has {applied_method(backbone).name} applied; apply task vectors to a fresh backbone"
@@ -61,8 +60,6 @@ def apply_vector(backbone: nn.Module, vector: TaskVector, inplace: bool = False)
         )
     model = backbone if inplace else copy.deepcopy(backbone)
     if vector.space == "delta":
-        from vpeft.core import apply_method
-
         if vector.config is None:
             raise VpeftError("a delta-space vector needs its method's config")
         apply_method(model, vector.method, **vector.config)

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 from vpeft.compose.errors import IncompatibleDeltasError, MissingHeadError
+from vpeft.core import _method, applied_method, apply_method, backbone_name, delta_state_dict, read_delta
+from vpeft.core import merge as merge_model
 from vpeft.errors import NotMergeableError, UnknownNameError, UnsupportedModelError, VpeftError
 from vpeft.layers import LoRA, attached, detach
 from vpeft.methods import METHODS, mergeable_methods
@@ -43,8 +45,6 @@ class TaskDelta:
     @classmethod
     def from_model(cls, model: nn.Module, source: str = "<memory>") -> TaskDelta:
         """The delta a model with a method applied would save (``vpeft.save_delta``'s tensors and config)."""
-        from vpeft.core import _method, backbone_name, delta_state_dict
-
         method = _method(model)
         tensors, config = method.export_delta(model, delta_state_dict(model))
         tensors = {k: v.detach().clone() for k, v in tensors.items()}
@@ -53,8 +53,6 @@ class TaskDelta:
 
 def read_task(path: str | os.PathLike) -> TaskDelta:
     """A delta file as a TaskDelta; a missing file raises ``vpeft.core.MissingDeltaError`` (a DataError)."""
-    from vpeft.core import read_delta
-
     tensors, info = read_delta(path)
     return TaskDelta(tensors, info["method"], info["config"], info["backbone"], os.fspath(path))
 
@@ -256,8 +254,6 @@ def split_head(delta: TaskDelta, backbone: nn.Module) -> tuple[dict[str, torch.T
 
 
 def check_backbone(delta: TaskDelta, backbone: nn.Module) -> None:
-    from vpeft.core import applied_method, backbone_name
-
     if applied_method(backbone) is not None:
         raise VpeftError(
             f"the backbone has {applied_method(backbone).name} applied; task vectors are relative to the bare "
@@ -273,8 +269,6 @@ def check_backbone(delta: TaskDelta, backbone: nn.Module) -> None:
 
 def load_body(model: nn.Module, body: Mapping[str, torch.Tensor], source: str) -> None:
     """Copy a delta's tensors (head excluded) into a model with its method applied; names and shapes must match."""
-    from vpeft.core import _method
-
     params = dict(_method(model).delta_parameters(model))
     missing, unexpected = sorted(set(params) - set(body)), sorted(set(body) - set(params))
     if missing or unexpected:
@@ -302,9 +296,6 @@ def task_vector(
     ``factored`` (exactly the update merging adds). ``space="delta"``: the delta's own tensors. The
     head is never part of the vector (``task_head`` gives it). ``backbone`` is not modified.
     """
-    from vpeft.core import apply_method, backbone_name
-    from vpeft.core import merge as merge_model
-
     if space not in SPACES:
         raise UnknownNameError("task vector space", space, SPACES)
     delta = as_task(delta)

@@ -22,7 +22,7 @@ Sources, in this order (``root`` defaults to ``<vtab_root>/<task>``):
 1. the official ``dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz`` (keys ``imgs``,
    ``latents_values``, ``latents_classes``): ``root`` itself, or that file inside ``root``;
 2. a task folder in the NOAH layout at ``root``: read as every VTAB-1k task folder is
-   (``vtab_tasks.resolve_vtab``), its own test list included;
+   (``vtab_folder.resolve_vtab``), its own test list included;
 3. the official npz in ``<vtab_root>`` or ``<vtab_root>/dsprites`` (one copy for both tasks);
 4. otherwise the images are regenerated here (``render``), deterministically, and the record's
    ``data_source`` starts with ``regenerated:``. A ``root`` set elsewhere than the default that
@@ -59,6 +59,7 @@ from pathlib import Path
 import numpy as np
 
 from vpeft.data.base import N_TRAIN, N_VAL, Prepared, Request, Resolved, array_items, seeded_permutation
+from vpeft.data.vtab_folder import resolve_vtab
 from vpeft.errors import ConfigError, DataError
 
 OFFICIAL_FILE = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
@@ -309,8 +310,6 @@ def _file_count(path: Path) -> int:
 def resolve_dsprites(name: str, req: Request) -> Resolved:
     """The official npz in the task's folder; else a NOAH task folder; else the npz under vtab_root;
     else regenerated images (see the module's docstring)."""
-    from vpeft.data.vtab_tasks import resolve_vtab
-
     task = TASKS[name]
     opts = req.take_options(test_size=DEFAULT_TEST_SIZE)
     test_size = _test_size(opts["test_size"])

@@ -15,7 +15,10 @@ import torch
 from omegaconf import DictConfig
 
 import vpeft
+from vpeft.backbones import create_backbone
+from vpeft.bench import BenchConfig, bench_record, bench_record_path, benchmark, write_bench_record
 from vpeft.jobs.runner import Context, Job, Plan
+from vpeft.jobs.train import plan_run
 
 log = logging.getLogger("vpeft")
 
@@ -26,8 +29,6 @@ class BenchJob(Job):
     records_failures = False  # a bench record holds a measurement; a failed one has none to hold
 
     def plan(self, cfg: DictConfig) -> Plan:
-        from vpeft.jobs.train import plan_run
-
         run = plan_run(cfg)  # the same validation and identity as a training run of this config
         return Plan(cfg=run.cfg, resolved=run.resolved, overrides=run.overrides, identity=run.identity,
                     record_path=None, extra=run.extra)  # fmt: skip
@@ -36,9 +37,6 @@ class BenchJob(Job):
         return {"env": env, "started_at": started}
 
     def execute(self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context) -> None:
-        from vpeft.backbones import create_backbone
-        from vpeft.bench import BenchConfig, bench_record, bench_record_path, benchmark
-
         r = plan.resolved
         bb_cfg, bench = r["backbone"], r["bench"]
         num_classes = int(bench.get("num_classes", 100))
@@ -59,8 +57,6 @@ class BenchJob(Job):
         plan.record_path = ctx.state["path"] = bench_record_path(r["paths"]["bench"], record)
 
     def write(self, path: Path, record: dict[str, Any]) -> bool:
-        from vpeft.bench import write_bench_record
-
         write_bench_record(path, record)
         return True
 

@@ -30,6 +30,7 @@ from torch import nn
 from vpeft.errors import ConfigError, DataError
 from vpeft.layers import AdapterFusion, FrozenAdapter, attach
 from vpeft.methods._base import Method, MethodConfig, check, embed_dim, register, require, vit_blocks
+from vpeft.methods._delta_file import backbone_name, read_delta
 
 ADAPTER_METHODS = {"adapter_houlsby": ("attn", "mlp"), "adapter_pfeiffer": ("mlp",)}  # method -> adapter sites
 
@@ -69,8 +70,6 @@ def sha256(path: str | os.PathLike) -> str:
 
 def read_adapter(path: str, expected_sha: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """One adapter delta file: its tensors, metadata and SHA-256, checked to be an adapter run's."""
-    from vpeft.core import read_delta  # vpeft.core imports the methods: import it when first needed
-
     tensors, info = read_delta(path)
     digest = sha256(path)
     if expected_sha and digest != expected_sha:
@@ -90,8 +89,6 @@ class AdapterFusionMethod(Method):
     Config = AdapterFusionConfig
 
     def inject(self, model: nn.Module) -> None:
-        from vpeft.core import backbone_name
-
         cfg: AdapterFusionConfig = self.config
         if not cfg.adapters:
             raise ConfigError(

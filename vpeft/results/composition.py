@@ -25,6 +25,8 @@ from typing import Any
 
 import pandas as pd
 
+from vpeft.results.merges import iter_merge_records
+
 MERGE_COLUMNS: dict[str, str] = {
     "path": "string",
     "status": "string",
@@ -105,8 +107,6 @@ def merge_frame(records: Sequence[dict[str, Any]], paths: Sequence[str | Path] |
 
 def load_merge_records(path: str | Path) -> pd.DataFrame:
     """Every valid merge record under ``path``, one row each (unreadable files skipped with a warning)."""
-    from vpeft.results.merges import iter_merge_records
-
     found = list(iter_merge_records(path))
     return merge_frame([r for _, r in found], [p for p, _ in found])
 

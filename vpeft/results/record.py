@@ -1,16 +1,27 @@
-"""The run record: one self-describing JSON per (backbone, method, dataset, protocol, seed, config)."""
+"""The run record: one self-describing JSON per (backbone, method, dataset, protocol, seed, config).
+
+A run's identity is decided here: the names records give a dataset and a backbone, and the part of the
+resolved config that is hashed (everything but ``NOT_HASHED``), so a rerun finds its record.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any
+
+from vpeft.files import path_part
 
 SCHEMA_VERSION = 1
 STATUSES = ("ok", "failed", "interrupted")
 PROTOCOLS = ("tune", "final")
+# Config keys that never change a run's result: left out of its hash, so reruns find it.
+NOT_HASHED = (
+    "paths", "logger", "bench", "save_delta", "skip_finished", "device", "hparams", "sweep", "jobs_per_gpu", "job",
+    "merge",
+)  # fmt: skip
+NOT_HASHED_TRAINER = ("progress", "data_on_device", "eval_batch_size")
 
 _OPT_INT = (int, type(None))
 _OPT_FLOAT = (float, int, type(None))
@@ -90,18 +101,44 @@ def validate(record: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
+def hashed_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved run config that decides the result: all but ``NOT_HASHED`` (and the trainer's
+    ``NOT_HASHED_TRAINER``). ``config_hash`` of it names the run."""
+    out = {k: v for k, v in config.items() if k not in NOT_HASHED}
+    if isinstance(out.get("trainer"), dict):
+        out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in NOT_HASHED_TRAINER}
+    return out
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """A short stable hash of the config that decides a run's result (paths and logging excluded)."""
     blob = json.dumps(config, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "none"
+def dataset_id(ds: dict[str, Any]) -> str:
+    """The name records and leaderboards use: the task name, or a folder's own name."""
+    if ds.get("id"):
+        return str(ds["id"])
+    if ds["name"] in ("folder", "imagefolder"):
+        return Path(str(ds["root"])).resolve().name
+    return str(ds["name"])
+
+
+def backbone_id(bb: dict[str, Any]) -> str:
+    """timm name, marked when its weights are not timm's own (offline source, local checkpoint, none)."""
+    name = str(bb["name"])
+    if bb.get("offline"):
+        return f"{name}+{bb['offline']}"
+    if bb.get("checkpoint"):
+        return f"{name}+ckpt-{Path(str(bb['checkpoint'])).stem}"
+    if not bb.get("pretrained", True):
+        return f"{name}+random"
+    return name
 
 
 def record_path(root: str | Path, record_or_keys: dict[str, Any]) -> Path:
     """``<root>/<dataset>/<backbone>/<method>/<protocol>-seed<seed>-<config hash>.json``."""
     r = record_or_keys
     name = f"{r['protocol']}-seed{r['seed']}-{r['config_hash']}.json"
-    return Path(root) / _slug(r["dataset"]) / _slug(r["backbone"]) / _slug(r["method"]) / name
+    return Path(root) / path_part(r["dataset"]) / path_part(r["backbone"]) / path_part(r["method"]) / name
