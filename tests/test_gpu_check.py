@@ -66,7 +66,7 @@ def test_dry_run_packs_and_runs_every_step(real_cifar10, tmp_path):
     assert all(r["extrapolated"] and r["ok"] == r["runs"] for r in steps["sweep"]["runs"])
     assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"linear", "lora", "merged"}
     md = (out / "gpu_check_dry.md").read_text()
-    assert "| accuracy | ok |" in md and "## Targets" in md
+    assert re.search(r"^\| accuracy +\| ok +\|", md, re.M) and "## Targets" in md
 
     # a second call reruns one step and keeps the others (--resume)
     proc = gpu_check("run", "--dry", "--steps", "peft", "--resume", "--bundle", str(bundle), "--work",

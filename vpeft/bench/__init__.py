@@ -4,6 +4,9 @@ Pure functions of a model that return dataclasses (each with ``to_dict()``); not
 config file or chooses paths. ``benchmark`` runs them all for one (backbone, method);
 ``to_record_cost`` gives the dict a run record stores under ``cost``; ``bench_record`` the JSON of
 a bench-only run.
+
+The benchmark suites behind scripts/ (training speed, serving, the GPU check) live in
+``vpeft.bench.suites``; they write their JSON and Markdown through ``vpeft.bench.report``.
 """
 
 from vpeft.bench.flops import FlopReport, count_flops, measure_flops
