@@ -37,11 +37,13 @@ from vpeft.results.leaderboard import (
     ppt_score,
     vtab_means,
 )
+from vpeft.results.plots import plot_tradeoff
 from vpeft.results.render import (
     build_page,
+    fmt,
     leaderboard_csv,
+    page_html,
     page_markdown,
-    plot_tradeoff,
     write_leaderboard,
 )
 from vpeft.vtab import GROUPS, TASKS
@@ -384,7 +386,8 @@ def test_vtab_rows_means_and_missing_tasks():
     line = next(li for li in summary.splitlines() if "| lora " in li)
     assert [c.strip() for c in line.split("|")[1:8]] == ["1", "lora", "80.00", "90.00", "40.00", "65.26", "70.00"]
     assert "– (6/7)" in summary and "– (18/19)" in summary and "– (2/3)" in summary
-    assert "bitfit: missing svhn" in summary
+    tasks = md.split("### VTAB-1k per task")[1].split("###")[0]
+    assert "bitfit: 18 of 19 VTAB-1k tasks, missing svhn." in tasks  # once, under the per-task table
 
 
 def test_rows_never_mix_backbones_and_other_datasets_get_columns_only():
@@ -414,7 +417,9 @@ def test_config_variants_split_rows_but_per_task_configs_do_not():
     assert sorted(run(records).rows["label"]) == ["lora (r=16)", "lora (r=8)", "vpt_deep"]
 
 
-def test_mixed_settings_and_duplicate_seeds_are_flagged():
+def test_mixed_settings_split_rows_and_duplicate_seeds_are_flagged():
+    """Seeds of one dataset run with different settings are never averaged: each setting is its own row, labelled
+    with the keys that differ (the other datasets' runs join the row of their own setting)."""
     records = [
         make_record(seed=0, top1=70.0, lr=1e-3),
         make_record(seed=1, top1=72.0, lr=5e-3),
@@ -422,10 +427,14 @@ def test_mixed_settings_and_duplicate_seeds_are_flagged():
         make_record(dataset="dtd", seed=0, top1=64.0, finished_at="2025-02-01T00:00:00+00:00"),
     ]
     lb = run(records)
-    cells = lb.cells.set_index("dataset")
-    assert cells.at["cifar100", "mixed"] and not cells.at["dtd", "mixed"]
-    assert cells.at["dtd", "mean"] == 64.0 and cells.at["dtd", "n"] == 1  # the latest rerun of seed 0
-    assert any("different settings" in w for w in lb.warnings)
+    cells = lb.cells.set_index(["variant", "dataset"])
+    assert not cells["mixed"].any()
+    assert cells.at[("optim.lr=0.001", "cifar100"), "mean"] == 70.0
+    assert cells.at[("optim.lr=0.005", "cifar100"), "mean"] == 72.0
+    assert sorted(lb.rows["label"]) == ["lora (optim.lr=0.001)", "lora (optim.lr=0.005)"]
+    dtd = cells.loc[("optim.lr=0.001", "dtd")]
+    assert dtd["mean"] == 64.0 and dtd["n"] == 1  # the latest rerun of seed 0
+    assert any("different optim.lr; each setting is its own row" in w for w in lb.warnings)
     assert any("seed 0 has more than one final record" in w for w in lb.warnings)
 
 
@@ -499,6 +508,105 @@ def test_a_noisy_measurement_is_flagged():
     cell = {m: md_cells(md, "VTAB-1k summary", m)[header] for m in ("lora", "bitfit", "vpt_deep")}
     assert cell == {"lora": "0.95× (13.00) noisy", "bitfit": "≈0.99× (1.04)", "vpt_deep": "1.08× (1.02)"}
     assert f"p90/median exceeds {NOISE_SPREAD}" in md
+
+
+def test_a_measured_latency_never_prints_nan_as_a_command_and_each_command_comes_once():
+    """ia3's latency is its runs' own, lora's is missing: lora's command is on the page once (though lora is in
+    two tables), and no command reads 'nan' (pandas' string columns hold NaN where a row has no command)."""
+    cpu = {"device": "cpu", "img_size": 56}
+    runs = [make_record(method="ia3", latency_ratio=1.1, dataset=d, **cpu) for d in ("dtd", "digits")]
+    runs += [make_record(method="lora", dataset=d, **cpu) for d in ("dtd", "digits")]
+    lb = run(runs)
+    cmd = row_of(lb, "lora")["lat_command"]
+    assert cmd.startswith("python run.py method=lora") and pd.isna(row_of(lb, "ia3")["lat_command"])
+    page = build_page(lb, [])
+    md = page_markdown(page)
+    assert md.count(cmd) == 1 and "`nan`" not in md and ": nan" not in md
+    assert md.split("### Latency to measure")[1].split("\n## ")[0].count("- ") == 1  # lora only
+    assert md_cells(md, "VTAB-1k summary", "ia3")["latency overhead (p90/median)"] == "1.10× (1.02)"
+    html_page = page_html(page)
+    assert f"<code>{cmd}</code>" in html_page and "<code>nan</code>" not in html_page
+    assert "measure it: nan" not in html_page and html_page.count(cmd) == 3  # the list, and lora's two tooltips
+
+
+def test_one_rounding_half_to_even_of_the_decimal_value_everywhere():
+    """Top-1 on 2,000 images is a multiple of 0.05, so ties are common: 791/2000 = 39.55 is the double
+    39.549999..., which Python's format() prints as 39.5. Every number rounds its decimal value half to even,
+    as Python's decimal module does (independent truth), on the page and in the README's numbers alike."""
+    from decimal import Decimal
+
+    group_mean = sum((78.2, 92.0, 75.6, 72.9)) / 4  # VPT-shallow's specialized tasks: 79.675
+    for value, spec, places in [(39.55, ".1f", 1), (93.25, ".1f", 1), (96.65, ".1f", 1), (14.45, ".1f", 1),
+                                (group_mean, ".2f", 2), (0.125, ".2f", 2), (65.26315789, ".2f", 2)]:  # fmt: skip
+        assert fmt(value, spec) == str(round(Decimal(str(round(value, 10))), places)), value
+    assert (fmt(39.55, ".1f"), fmt(93.25, ".1f"), fmt(group_mean, ".2f")) == ("39.6", "93.2", "79.68")
+    assert f"{39.55:.1f}" == "39.5"  # what the page printed before
+    assert fmt(0.6511627, ".3g") == "0.651" and fmt(5.0, ".3g") == "5" and fmt(0.0, ".2g") == "0"
+    records = [make_record(method=m, dataset="dsprites_loc", top1=v) for m, v in (("linear", 39.55), ("ssf", 93.25))]
+    records += [make_record(method="lora", dataset="dsprites_loc", seed=s, top1=v) for s, v in enumerate((96.6, 96.7))]
+    md = page_markdown(build_page(run(records), []))
+    cells = {m: md_cells(md, "VTAB-1k per task", m)["dsprites_loc"] for m in ("linear", "ssf", "lora")}
+    assert cells == {"linear": "39.6 (1)", "ssf": "93.2 (1)", "lora": "96.6 ± 0.1 (2)"}  # lora: 96.65, to even
+
+
+def test_results_readme_quotes_the_committed_page():
+    """results/README.md's top-1 numbers are the committed leaderboard's, rounded as the page rounds them."""
+    import re
+
+    readme = " ".join((ROOT / "results" / "README.md").read_text().split())
+    means = pd.read_csv(ROOT / "results" / "leaderboard" / "leaderboard.csv").set_index("method")
+    names = {"DoRA": "dora", "LoRA": "lora", "SSF": "ssf", "Houlsby": "adapter_houlsby", "RepAdapter": "repadapter",
+             "Adapter+": "adapter_plus", "AdaLoRA": "adalora", "full": "full", "Pfeiffer": "adapter_pfeiffer",
+             "BitFit": "bitfit", "FacT": "fact", "AdaptFormer": "adaptformer", "IA3": "ia3", "linear": "linear",
+             "prefix": "prefix", "VPT-deep": "vpt_deep", "VPT-shallow": "vpt_shallow"}  # fmt: skip
+    table = readme.split("digits / fashion_mnist / dsprites_loc:")[1].split(". What changed")[0]
+    quoted = re.findall(r"([\w+-]+) ([\d.]+) / ([\d.]+) / ([\d.]+)", table)
+    assert sorted(n for n, *_ in quoted) == sorted(names)
+    for name, *values in quoted:
+        row = means.loc[names[name]]
+        page = [fmt(row[f"{d}_mean"], ".1f") for d in ("digits", "fashion_mnist", "dsprites_loc")]
+        assert values == page, name
+    shown = readme.split("top-1 on 2,000 test images):")[1].split("(chance is")[0]
+    for name, value in re.findall(r"([A-Za-z][\w+ -]*?) ([\d.]+)(?:,| and)", shown + ","):
+        method = {"full fine-tuning": "full", "Houlsby adapters": "Houlsby", "Pfeiffer adapters": "Pfeiffer",
+                  "FacT-TK": "FacT", "linear probing": "linear", "prefix tuning": "prefix"}.get(name, name)  # fmt: skip
+        assert value == fmt(means.loc[names[method], "dsprites_loc_mean"], ".1f"), name
+
+
+def test_coverage_names_each_missing_task_once():
+    """Three methods with one VTAB-1k task each (two share it): the tasks no method ran are named once, each
+    method's own gap once, and the per-task table has a column only for tasks someone ran."""
+    records = [make_record(method=m, dataset=d, top1=70.0) for m, d in
+               (("lora", "dsprites_loc"), ("bitfit", "dsprites_loc"), ("linear", "dtd"))]  # fmt: skip
+    md = page_markdown(build_page(run(records), []))
+    ours = md.split("## Reference")[0]
+    for task in TASKS:
+        assert ours.count(task) == (1 if task not in ("dsprites_loc", "dtd") else ours.count(task)), task
+    assert "No method has run cifar100, caltech101, oxford_flowers102" in ours and "(17 tasks; no column here)" in ours
+    assert "bitfit, lora: 1 of 19 VTAB-1k tasks, missing dtd." in ours
+    assert "linear: 1 of 19 VTAB-1k tasks, missing dsprites_loc." in ours
+    header = next(li for li in ours.split("### VTAB-1k per task")[1].splitlines() if li.startswith("| method"))
+    assert [c.strip() for c in header.split("|")[1:-1]] == ["method", "dtd", "dsprites_loc"]
+
+
+def test_the_summary_comes_first(tmp_path):
+    """The page opens with the summary tables; plots, recipes, where the numbers come from and the published
+    reference follow, in that order, in Markdown and in HTML."""
+    demo_records(tmp_path / "runs")
+    bench = tmp_path / "bench"
+    write_bench_record(bench / "a.json", make_bench("linear", 0, 1000.0, 3000.0, ratio=1.0))
+    written = write_leaderboard(tmp_path / "runs", tmp_path / "out", bench)
+    md, page = written["leaderboard.md"].read_text(), written["leaderboard.html"].read_text()
+    tables = ["VTAB-1k summary", "VTAB-1k per task", "Other datasets", "Recipe and provenance"]
+    sections = ["Methods compared", "Failed and interrupted runs", "Made from", "Reference", "Definitions"]
+    at = [md.index(f"### {t}") for t in tables[:3]] + [md.index("![")]
+    at += [md.index(f"### {tables[3]}")] + [md.index(f"\n## {s}") for s in sections]
+    assert at == sorted(at) and md.index("run records:") < at[0]
+    assert [li for li in md.splitlines() if li.startswith("## ")] == [
+        "## vit_test", "## Methods compared (bench records)", "## Failed and interrupted runs", "## Made from",
+        "## Reference: published (not measured here)", "## Definitions"]  # fmt: skip
+    at = [page.index(f'-vit-test">{t}') for t in tables] + [page.index(f"<h2>{s}") for s in sections]
+    assert at == sorted(at) and page.index("<h3") == page.index('<h3 id="vtab-summary-vit-test">')
 
 
 # -- provenance ------------------------------------------------------------------------------------

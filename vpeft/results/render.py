@@ -1,28 +1,32 @@
 """The leaderboard on disk: Markdown, CSV, LaTeX, one self-contained HTML page, and trade-off plots.
 
 Tables are pandas frames of display text written by pandas' own writers (``to_csv``, ``to_markdown``,
-``Styler.to_latex``, ``Styler.to_html``); what is written by hand here is what pandas does not do:
-the page around the tables, its column sorting, the plots. Every output is a function of the records
-and the folders named (no clock, sorted everywhere), so the same records give byte-identical files.
+``Styler.to_latex``, ``Styler.to_html``); the pages around them are Jinja2 templates shipped with the
+package (``vpeft/results/templates``). Every output is a function of the records and the folders named
+(no clock, sorted everywhere), so the same records give byte-identical files.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import html
 import math
 import os
 import re
-import textwrap
 from collections.abc import Callable, Sequence
+from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import pandas as pd
+from markupsafe import Markup
 from pandas.io.formats.style import Styler
 
 from vpeft.errors import DataError
+from vpeft.files import slug
 from vpeft.results.frame import NOISE_SPREAD, latency_frame
 from vpeft.results.leaderboard import (
     GROUP_NAMES,
@@ -34,8 +38,8 @@ from vpeft.results.leaderboard import (
     build_leaderboard,
     load_reference,
     methods_table,
-    pareto_front,
 )
+from vpeft.results.plots import Plot, composition_plots, make_plots
 from vpeft.vtab import GROUPS, TASKS
 
 EMPTY = "–"
@@ -51,35 +55,15 @@ SHORT = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Out:
-    """One cell built by hand (scripts use it): its text, a sort value (unused: the page sorts by text), a tooltip."""
-
-    text: str
-    sort: float | str | None = None
-    title: str = ""
-
-
-@dataclasses.dataclass
 class Table:
     """A table ready for every format: its anchor, title, cells (a frame of text; a column of lists of
-    (label, path) is a column of links), the notes printed under it and tooltips (same shape, or None).
-
-    ``Table(key, title, headers, rows_of_Out, notes)`` builds one from hand-made cells.
-    """
+    (label, path) is a column of links), the notes printed under it and tooltips (same shape, or None)."""
 
     key: str
     title: str
-    frame: pd.DataFrame | list[str]
-    rows: list[list[Out]] | None = None
+    frame: pd.DataFrame
     notes: list[str] = dataclasses.field(default_factory=list)
     tips: pd.DataFrame | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.frame, pd.DataFrame):
-            headers, rows = list(self.frame), self.rows or []
-            self.frame = pd.DataFrame([[c.text for c in r] for r in rows], columns=headers, dtype=object)
-            self.tips = pd.DataFrame([[c.title for c in r] for r in rows], columns=headers, dtype=object)
-        self.rows = None
 
     @property
     def link_columns(self) -> list[str]:
@@ -95,24 +79,39 @@ class Table:
         ]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
-
-
 def _na(v: Any) -> bool:
     return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
 
 
-def _num(v: Any, fmt: str, suffix: str = "") -> str:
-    return EMPTY if _na(v) else f"{v:{fmt}}{suffix}"
+def _text(value: Any) -> str:
+    """A text field as text: '' for a missing one (pandas' string columns hold NaN there, never 'nan')."""
+    return "" if _na(value) else str(value)
+
+
+def fmt(value: Any, spec: str) -> str:
+    """``format(value, spec)`` with the one rounding every number on the page gets: the decimal value (12
+    significant digits, which drops the float noise of a sum: a top-1 of 791/2000 is 39.55, a mean of
+    (78.2, 92.0, 75.6, 72.9) is 79.675) rounded half to even (39.6, 79.68), never the binary double's
+    39.5499... (39.5). Specs ``.Nf`` and ``.Ng`` round so; any other formats as given."""
+    m = re.fullmatch(r"(.*)\.(\d+)([fg])", spec)
+    d = Decimal(f"{float(value):.12g}")
+    if m is None or not d.is_finite() or (m[3] == "g" and d == 0):
+        return format(value, spec)
+    exp = -int(m[2]) if m[3] == "f" else d.adjusted() - max(int(m[2]), 1) + 1
+    return format(float(d.quantize(Decimal(1).scaleb(exp), rounding=ROUND_HALF_EVEN)), spec)
+
+
+def _num(v: Any, spec: str, suffix: str = "") -> str:
+    return EMPTY if _na(v) else fmt(v, spec) + suffix
 
 
 def _params(p: Any, lo: Any = None, hi: Any = None) -> tuple[str, str]:
     if _na(p):
         return EMPTY, ""
-    text = "0" if p == 0 else f"{p:.2g}" if p < 0.01 else f"{p:.3f}" if p < 1 else f"{p:.2f}" if p < 10 else f"{p:.1f}"
+    spec = ".2g" if p < 0.01 else ".3f" if p < 1 else ".2f" if p < 10 else ".1f"
+    text = "0" if p == 0 else fmt(p, spec)
     if not _na(lo) and not _na(hi) and hi > lo:
-        return text + "†", f"mean over tasks; {lo:.3g} to {hi:.3g} M"
+        return text + "†", f"mean over tasks; {fmt(lo, '.3g')} to {fmt(hi, '.3g')} M"
     return text, ""
 
 
@@ -120,14 +119,15 @@ def _cell(c: pd.Series | None) -> tuple[str, str]:
     """'mean ± std (n)' of one (row, dataset), and the seeds' values as its tooltip."""
     if c is None:
         return EMPTY, ""
-    text = f"{c['mean']:.1f} ± {c['std']:.1f} ({c['n']})" if c["n"] > 1 else f"{c['mean']:.1f} ({c['n']})"
-    tip = "seeds: " + ", ".join(f"{v:.2f}" for v in c["values"])
+    mean = fmt(c["mean"], ".1f")
+    text = f"{mean} ± {fmt(c['std'], '.1f')} ({c['n']})" if c["n"] > 1 else f"{mean} ({c['n']})"
+    tip = "seeds: " + ", ".join(fmt(v, ".2f") for v in c["values"])
     return (text + " *", tip + " (settings differ between seeds)") if c["mixed"] else (text, tip)
 
 
 def _agg(value: Any, present: int, total: int, missing: Sequence[str] = ()) -> tuple[str, str]:
     if not _na(value):
-        return f"{value:.2f}", ""
+        return fmt(value, ".2f"), ""
     if present == 0:
         return EMPTY, ""
     return f"{EMPTY} ({present}/{total})", "missing: " + ", ".join(missing)
@@ -137,15 +137,15 @@ def latency_text(ratio: Any, spread: Any, noisy: Any, within: Any) -> str:
     """'1.03× (1.04)': the ratio to the bare backbone and p90/median; ≈ within the noise, 'noisy' past the limit."""
     if _na(ratio):
         return EMPTY
-    return f"{'≈' if within else ''}{ratio:.2f}× ({spread:.2f}){' noisy' if noisy else ''}"
+    return f"{'≈' if within else ''}{fmt(ratio, '.2f')}× ({fmt(spread, '.2f')}){' noisy' if noisy else ''}"
 
 
 def _memory(value: Any, kind: Any) -> tuple[str, str]:
     if _na(value):
         return EMPTY, ""
     if kind == "cpu_peak_rss":
-        return f"{value:.0f} (process)", "the run process's peak RSS since it started: not per method"
-    return f"{value:.0f}", str(kind or "")
+        return f"{fmt(value, '.0f')} (process)", "the run process's peak RSS since it started: not per method"
+    return fmt(value, ".0f"), _text(kind)
 
 
 def _table(key: str, title: str, cells: list[dict[str, tuple[str, str] | str | list]], notes=()) -> Table:
@@ -163,10 +163,12 @@ COST_HEADERS = ("params (M)", "latency overhead (p90/median)", "train img/s", "p
 
 def _costs(r: pd.Series) -> dict[str, Any]:
     if not _na(r["lat_ratio"]):
-        where = f"{r['lat_at']}; from {r['lat_source']}" + (f" {r['lat_record_rel']}" if r["lat_record_rel"] else "")
+        record = _text(r["lat_record_rel"])
+        where = f"{_text(r['lat_at'])}; from {_text(r['lat_source'])}" + (f" {record}" if record else "")
         latency = (latency_text(r["lat_ratio"], r["lat_spread"], r["lat_noisy"], r["lat_within_noise"]), where)
     else:
-        latency = (r["lat_missing"] or EMPTY, f"measure it: {r['lat_command']}" if r["lat_command"] else "")
+        command = _text(r["lat_command"])
+        latency = (_text(r["lat_missing"]) or EMPTY, f"measure it: {command}" if command else "")
     return {
         COST_HEADERS[0]: _params(r["params_m"], r["params_min_m"], r["params_max_m"]),
         COST_HEADERS[1]: latency,
@@ -175,11 +177,42 @@ def _costs(r: pd.Series) -> dict[str, Any]:
     }
 
 
-def _measure_notes(rows: pd.DataFrame) -> list[str]:
-    cmds = [f"{r['label']}: `{r['lat_command']}`" for _, r in rows.iterrows() if r["lat_command"]]
-    if not cmds:
+def measure_commands(lb: Leaderboard, backbone: str) -> list[tuple[str, str]]:
+    """(row label, command) for every row of ``backbone`` whose latency was not measured at its settings:
+    each command once, however many tables show the row."""
+    rows = lb.rows[lb.rows["backbone"] == backbone]
+    return sorted({(r["label"], _text(r["lat_command"])) for _, r in rows.iterrows() if _text(r["lat_command"])})
+
+
+def _measure_note(rows: pd.DataFrame) -> list[str]:
+    """Where a table's unmeasured latencies are explained (the commands are listed once, below the tables)."""
+    n = sum(bool(_text(c)) for c in rows["lat_command"])
+    if not n:
         return []
-    return ["Latency not measured at these settings; each command writes the bench record the next build joins:"] + cmds
+    return [f"Latency not measured at these settings for {n} of {len(rows)} rows: 'Latency to measure' below gives "
+            "the command for each."]  # fmt: skip
+
+
+def coverage_notes(rows: pd.DataFrame) -> list[str]:
+    """Which VTAB-1k tasks the rows have, compactly: rows with the same tasks share a line, and a task that no
+    row has is named once, not once per row."""
+    have = {r["label"]: tuple(t for t in TASKS if t not in r["vtab_missing"]) for _, r in rows.iterrows()}
+    if all(len(h) == len(TASKS) for h in have.values()):
+        return []
+    nowhere = [t for t in TASKS if not any(t in h for h in have.values())]
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for label, h in have.items():
+        groups.setdefault(h, []).append(label)
+    notes = []
+    for h, labels in sorted(groups.items(), key=lambda g: (-len(g[0]), sorted(g[1]))):
+        who = f"every method ({len(labels)})" if len(groups) == 1 and len(labels) > 1 else ", ".join(sorted(labels))
+        own = [t for t in TASKS if t not in h and t not in nowhere]
+        detail = f", missing {', '.join(own)}" if own else f" ({', '.join(h)})" if 0 < len(h) <= 6 else ""
+        notes.append(f"{who}: {len(h)} of {len(TASKS)} VTAB-1k tasks{detail}.")
+    if nowhere:
+        notes.append(f"No method has run {', '.join(nowhere)} ({len(nowhere)} tasks; no column here): a mean is "
+                     "shown only where all its tasks are there.")  # fmt: skip
+    return notes
 
 
 def vtab_summary_table(lb: Leaderboard, backbone: str) -> Table:
@@ -202,21 +235,19 @@ def vtab_summary_table(lb: Leaderboard, backbone: str) -> Table:
                 "PPT": _num(r["ppt"], ".2f"),
             }
         )
-    notes = [f"{r['label']}: missing {', '.join(r['vtab_missing'])}" for _, r in rows.iterrows()
-             if r["vtab_missing"] and r["vtab_tasks"]]  # fmt: skip
-    return _table(
-        f"vtab-summary-{_slug(backbone)}", f"VTAB-1k summary: {backbone}", cells, notes + _measure_notes(rows)
-    )
+    return _table(f"vtab-summary-{slug(backbone)}", f"VTAB-1k summary: {backbone}", cells, _measure_note(rows))
 
 
 def vtab_tasks_table(lb: Leaderboard, backbone: str) -> Table:
+    """Rows x the VTAB-1k tasks any row has run (a task no row has is named once in the notes, not as a column
+    of dashes)."""
+    rows = lb.vtab_rows(backbone)
+    tasks = [t for t in TASKS if any(t not in missing for missing in rows["vtab_missing"])]
     cells = [
-        {"method": r["label"], **{SHORT.get(t, t): _cell(lb.cell(r, t)) for t in TASKS}}
-        for _, r in lb.vtab_rows(backbone).iterrows()
+        {"method": r["label"], **{SHORT.get(t, t): _cell(lb.cell(r, t)) for t in tasks}} for _, r in rows.iterrows()
     ]
-    return _table(
-        f"vtab-tasks-{_slug(backbone)}", f"VTAB-1k per task, top-1 (%) mean ± std (n seeds): {backbone}", cells
-    )
+    title = f"VTAB-1k per task, top-1 (%) mean ± std (n seeds): {backbone}"
+    return _table(f"vtab-tasks-{slug(backbone)}", title, cells, coverage_notes(rows))
 
 
 def other_table(lb: Leaderboard, backbone: str) -> Table:
@@ -226,7 +257,7 @@ def other_table(lb: Leaderboard, backbone: str) -> Table:
         {"method": r["label"], **{d: _cell(lb.cell(r, d)) for d in datasets}, **_costs(r)} for _, r in rows.iterrows()
     ]
     title = f"Other datasets, top-1 (%) mean ± std (n seeds): {backbone}"
-    return _table(f"other-{_slug(backbone)}", title, cells, _measure_notes(rows))
+    return _table(f"other-{slug(backbone)}", title, cells, _measure_note(rows))
 
 
 def _dates(first: Any, last: Any) -> str:
@@ -267,7 +298,7 @@ def provenance_table(lb: Leaderboard, backbone: str) -> Table:
         for _, r in rows.iterrows()
     ]
     note = "lr and weight decay: the values the final runs used (chosen by the tune stage where hparams= was given)."
-    return _table(f"provenance-{_slug(backbone)}", f"Recipe and provenance: {backbone}", cells, [note])
+    return _table(f"provenance-{slug(backbone)}", f"Recipe and provenance: {backbone}", cells, [note])
 
 
 def failures_table(lb: Leaderboard) -> Table:
@@ -279,10 +310,6 @@ def failures_table(lb: Leaderboard) -> Table:
         for _, f in lb.failures.iterrows()
     ]
     return _table("failed", "Runs that did not finish (never averaged)", cells)
-
-
-def _text(value: Any) -> str:
-    return "" if _na(value) else str(value)
 
 
 def _stated(r: pd.Series) -> str:
@@ -353,12 +380,13 @@ def methods_tables(methods: pd.DataFrame, out_dir: Path | None = None) -> list[T
                     hit = hit[hit["which"] == which]
                     h = hit.iloc[0] if not hit.empty else None
                     text = EMPTY if h is None else latency_text(h["ratio"], h["spread"], h["noisy"], h["within_noise"])
-                    tip = "" if h is None else f"median {h['median_ms']:.1f} ms, bare {h['bare_median_ms']:.1f} ms"
+                    ms = "" if h is None else f"{fmt(h['median_ms'], '.1f')} ms, bare {fmt(h['bare_median_ms'], '.1f')}"
+                    tip = f"median {ms} ms" if ms else ""
                     cell[f"{d} b{b} {which}"] = (text, tip)
             mem_tip = (
                 ""
                 if _na(m["training.base_mem_mb"])
-                else f"the process held {m['training.base_mem_mb']:.0f} MB before the model"
+                else f"the process held {fmt(m['training.base_mem_mb'], '.0f')} MB before the model"
             )
             cell |= {
                 "train img/s": _num(m["training.images_per_s"], ".2f"),
@@ -371,7 +399,7 @@ def methods_tables(methods: pd.DataFrame, out_dir: Path | None = None) -> list[T
             cells.append(cell)
         tables.append(
             _table(
-                f"methods-{_slug(device)}-{_slug(backbone)}-{size}",
+                f"methods-{slug(device)}-{slug(backbone)}-{size}",
                 f"Methods compared on {device}: {backbone} at {size} px",
                 cells,
                 _methods_notes(rows),
@@ -387,7 +415,11 @@ def _methods_notes(rows: pd.DataFrame) -> list[str]:
     memory = {
         "cpu_peak_rss_isolated": "peak resident set of a fresh process that loaded only the method's model and "
         "trained it (one process per method)"
-        + (f"; such a process holds {base.min():.0f} to {base.max():.0f} MB before the model" if len(base) else ""),
+        + (
+            f"; such a process holds {fmt(base.min(), '.0f')} to {fmt(base.max(), '.0f')} MB before the model"
+            if len(base)
+            else ""
+        ),
         "cuda_max_allocated": "CUDA allocator peak, reset before each method",
         "cpu_peak_rss": "the benchmarking process's peak RSS since it started: it only grows over a sweep, so it "
         "does not compare methods (no ratio is shown)",
@@ -449,15 +481,15 @@ def composition_tables(comp: pd.DataFrame, neg: pd.DataFrame, out_dir: Path | No
                 h = hit.iloc[0]
                 tip = f"{h['space']}; {h['chosen']}" if h["chosen"] else h["space"]
                 if a == "AdapterFusion" and not _na(h["params"]):
-                    tip += f"; {h['params'] / 1e6:.3g} M parameters trained per task with the pool's adapters"
+                    tip += f"; {fmt(h['params'] / 1e6, '.3g')} M parameters trained per task with the pool's adapters"
                 space = " (delta space)" if h["space"] == "delta" else ""
-                cell[a] = (f"{h['top1']:.1f} ({h['normalized']:.0f}%){space}", tip)
+                cell[a] = (f"{fmt(h['top1'], '.1f')} ({fmt(h['normalized'], '.0f')}%){space}", tip)
             cell["records"] = [
                 (f"{r['algorithm']}", _rel(p, out_dir)) for _, r in rows.iterrows() for p in r["records"][:1]
             ]
             cells.append(cell)
         title = f"Composition on {backbone}: {tasks.replace('+', ', ')}"
-        tables.append(_table(f"composition-{_slug(backbone)}-{_slug(tasks)}", title, cells, COMPOSITION_NOTES))
+        tables.append(_table(f"composition-{slug(backbone)}-{slug(tasks)}", title, cells, COMPOSITION_NOTES))
     if len(neg):
         cells = [
             {
@@ -477,28 +509,6 @@ def composition_tables(comp: pd.DataFrame, neg: pd.DataFrame, out_dir: Path | No
     return tables
 
 
-def composition_plots(comp: pd.DataFrame, out_dir: Path) -> list[Plot]:
-    """Per (backbone, pool) with at least two methods: normalized accuracy of each method's best merge (by the
-    mean normalized accuracy over the pool) and of AdapterFusion, against what one task's composed model trained
-    (``params``: the delta's for a merge, the fusion layers plus the pool's adapters for AdapterFusion)."""
-    plots = []
-    for (backbone, tasks), g in comp.groupby(["backbone", "tasks"], sort=True):
-        g = g[g["params"].notna()]
-        merged = g[g["algorithm"] != "AdapterFusion"].sort_values(["normalized", "algorithm"], ascending=[False, True])
-        best = merged.drop_duplicates("method")
-        points = [(f"{r['method']} ({r['algorithm']})", r["params"] / 1e6, r["normalized"]) for _, r in best.iterrows()]
-        points += [(f"{r['method']} (AdapterFusion)", r["params"] / 1e6, r["normalized"])
-                   for _, r in g[g["algorithm"] == "AdapterFusion"].iterrows()]  # fmt: skip
-        if len(points) < 2:
-            continue
-        plots.append(plot_tradeoff(
-            sorted(points), PARAMS_X, "normalized accuracy (% of each task's own delta)",
-            f"Merged deltas: {backbone}, {tasks.replace('+', ', ')}", True, out_dir,
-            f"composition_{_slug(backbone)}_{_slug(tasks)}",
-        ))  # fmt: skip
-    return plots
-
-
 # -- writers (pandas does the tables) --------------------------------------------------------------
 
 
@@ -515,15 +525,12 @@ def _with_links(t: Table, render: Callable[[list], str]) -> pd.DataFrame:
     return df.fillna(EMPTY)
 
 
-def table_markdown(t: Table, level: int = 3) -> str:
-    head = f"{'#' * level} {t.title}\n\n"
-    if t.frame.empty:
-        return head + "(none)\n"
+def markdown_body(t: Table) -> str:
+    """The table as a Markdown pipe table (pandas' ``to_markdown``): links as ``[label](path)``, text columns left."""
     df = _with_links(t, lambda links: " ".join(f"[{label}]({path})" for label, path in links))
     df = df.map(lambda v: str(v).replace("|", "\\|"))
     align = ["left" if text else "right" for text in t.text_columns()]
-    md = df.to_markdown(index=False, colalign=align, disable_numparse=True)
-    return head + md + "\n\n" + "".join(f"- {n}\n" for n in t.notes) + ("\n" if t.notes else "")
+    return df.to_markdown(index=False, colalign=align, disable_numparse=True)
 
 
 _TEX_UNICODE = {"±": r"$\pm$", "×": r"$\times$", "≈": r"$\approx$", "–": "--", "†": r"$^\dagger$"}
@@ -563,16 +570,8 @@ def _links_html(links: list[tuple[str, str]]) -> str:
     return f"<details><summary>{len(links)} records</summary>{anchors}</details>"
 
 
-def _notes_html(notes: list[str]) -> str:
-    """Notes as a list; `text in backticks` (commands) as code."""
-    items = [re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(n)) for n in notes]
-    return "<ul class='notes'>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>\n" if notes else ""
-
-
-def table_html(t: Table) -> str:
-    head = f'<h3 id="{t.key}">{html.escape(t.title)}</h3>\n'
-    if t.frame.empty:
-        return head + "<p>(none)</p>\n"
+def html_body(t: Table) -> Markup:
+    """The table as HTML (pandas' ``Styler``): sortable, tooltips as title attributes, text columns left."""
     df = t.frame.fillna(EMPTY)
     links = t.link_columns
     styler = Styler(df, uuid=t.key).hide(axis="index")
@@ -584,8 +583,32 @@ def table_html(t: Table) -> str:
     left = [c for c, text in zip(df.columns, t.text_columns()) if text]
     left_css = [{"selector": "td", "props": "text-align: left"}, {"selector": "th", "props": "text-align: left"}]
     styler = styler.set_table_styles(dict.fromkeys(left, left_css), overwrite=False)
-    body = styler.set_table_attributes('class="sortable"').to_html()
-    return head + f'<div class="scroll">{body}</div>\n' + _notes_html(t.notes)
+    return Markup(styler.set_table_attributes('class="sortable"').to_html())
+
+
+def _code(text: str) -> Markup:
+    """Text with `commands in backticks` as <code>, the rest escaped."""
+    return Markup(re.sub(r"`([^`]*)`", r"<code>\1</code>", str(html.escape(text))))
+
+
+def _svg_data(p: Plot) -> str:
+    return "data:image/svg+xml;base64," + base64.b64encode(p.svg.read_bytes()).decode()
+
+
+@functools.cache
+def _env() -> jinja2.Environment:
+    """The page templates shipped with the package; HTML ones escape what they print."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("vpeft.results", "templates"),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.filters |= {"markdown_body": markdown_body, "html_body": html_body, "latex": table_latex, "code": _code,
+                    "svg_data": _svg_data}  # fmt: skip
+    return env
 
 
 CSV_COLUMNS = [
@@ -631,261 +654,42 @@ def methods_csv(methods: pd.DataFrame, out_dir: Path | None = None) -> str:
     return out.to_csv(index=False, float_format="%.4f", lineterminator="\n")
 
 
-# -- plots -----------------------------------------------------------------------------------------
+# -- pages -----------------------------------------------------------------------------------------
+
+
+def definitions() -> list[str]:
+    """What the page's words and numbers mean (``templates/definitions.txt.j2``), one paragraph each."""
+    text = _env().get_template("definitions.txt.j2").render(noise_spread=NOISE_SPREAD, ppt_c=f"{PPT_C:.0e}")
+    return [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
 
 
 @dataclasses.dataclass(frozen=True)
-class Plot:
-    stem: str
+class Section:
+    """A part of the page: the tables a reader looks at first, the plots, the detail tables, and the commands
+    that measure what is missing (each once); ``reference`` marks numbers not measured here."""
+
     title: str
-    png: Path
-    svg: Path
+    tables: list[Table]
+    plots: list[Plot] = dataclasses.field(default_factory=list)
+    details: list[Table] = dataclasses.field(default_factory=list)
+    measure: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    reference: bool = False
 
-
-def _overlap(a, b) -> float:
-    w = min(a.x1, b.x1) - max(a.x0, b.x0)
-    h = min(a.y1, b.y1) - max(a.y0, b.y0)
-    return w * h if w > 0 and h > 0 else 0.0
-
-
-def _outside(box, frame) -> float:
-    inside = _overlap(box, frame)
-    return box.width * box.height - inside
-
-
-def _place_labels(fig, ax, xs: list[float], ys: list[float], labels: list[str]) -> None:
-    """Put each label next to its point where it covers no other label or point, with a leader line if far."""
-    import numpy as np
-    from matplotlib.transforms import Bbox
-
-    renderer = fig.canvas.get_renderer()
-    disp = ax.transData.transform(np.column_stack([xs, ys]))
-    r = 6 * fig.dpi / 72
-    points = [Bbox.from_extents(px - r, py - r, px + r, py + r) for px, py in disp]
-    frame = ax.get_window_extent(renderer)
-    base = [(7, 3, "left", "bottom"), (7, -3, "left", "top"), (-7, 3, "right", "bottom"), (-7, -3, "right", "top")]
-    base += [
-        (0, 9, "center", "bottom"),
-        (0, -9, "center", "top"),
-        (10, 0, "left", "center"),
-        (-10, 0, "right", "center"),
-    ]
-    candidates = [(dx * k, dy * k, ha, va, k > 1) for k in (1, 2.2, 3.6) for dx, dy, ha, va in base]
-    placed: list[Any] = []
-    for i in sorted(range(len(xs)), key=lambda i: (-ys[i], xs[i], labels[i])):
-        best = None
-        for dx, dy, ha, va, far in candidates:
-            ann = ax.annotate(
-                labels[i],
-                (xs[i], ys[i]),
-                xytext=(dx, dy),
-                textcoords="offset points",
-                ha=ha,
-                va=va,
-                fontsize=8,
-                arrowprops={"arrowstyle": "-", "color": "0.5", "lw": 0.6} if far else None,
-            )
-            box = ann.get_window_extent(renderer).expanded(1.04, 1.15)
-            cost = sum(_overlap(box, b) for b in placed)
-            cost += sum(_overlap(box, p) for j, p in enumerate(points) if j != i)
-            cost += 4 * _outside(box, frame) + (0.5 if far else 0.0)
-            if best is None or cost < best[0]:
-                if best is not None:
-                    best[1].remove()
-                best = (cost, ann, box)
-            else:
-                ann.remove()
-            if cost == 0:
-                break
-        placed.append(best[2])
-
-
-def plot_tradeoff(
-    points: list[tuple[str, float, float]],
-    xlabel: str,
-    ylabel: str,
-    title: str,
-    log_x: bool,
-    out_dir: Path,
-    stem: str,
-    published: Sequence[tuple[str, float, float]] = (),
-    noisy: Sequence[str] = (),
-) -> Plot:
-    """Accuracy against a cost: the Pareto front (max accuracy, min cost) of the measured points drawn as a
-    staircase, each point labelled. ``published`` points (orange diamonds) and ``noisy`` ones (crosses) are
-    drawn but never on the front."""
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter
-
-    everything = list(points) + list(published)
-    labels = [p[0] for p in everything]
-    xs = [float(p[1]) for p in everything]
-    ys = [float(p[2]) for p in everything]
-    n = len(points)
-    measured = [i for i in range(n) if labels[i] not in noisy]
-    front_of = pareto_front([(xs[i], ys[i]) for i in measured])
-    front = {i for i, f in zip(measured, front_of) if f}
-    zero_at = None
-    if log_x:
-        positive = [x for x in xs if x > 0]
-        if len(positive) < len(xs):  # zero parameters (linear probing) sit at a marked floor
-            zero_at = 10 ** (math.floor(math.log10(min(positive))) - 1) if positive else 1e-3
-            xs = [x if x > 0 else zero_at for x in xs]
-    with matplotlib.rc_context({"svg.hashsalt": "vpeft", "font.size": 10, "svg.fonttype": "path"}):
-        fig = Figure(figsize=(7.5, 5.0), dpi=150, layout="constrained")
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        if log_x:
-            ax.set_xscale("log")
-        order = sorted(front, key=lambda i: (xs[i], ys[i]))
-        if len(order) > 1:
-            ax.step([xs[i] for i in order], [ys[i] for i in order], where="post", color="C0", lw=1.2, alpha=0.6)
-        dom = [i for i in measured if i not in front]
-        if order:
-            ax.scatter([xs[i] for i in order], [ys[i] for i in order], s=46, color="C0", zorder=3, label="Pareto front")
-        if dom:
-            ax.scatter(
-                [xs[i] for i in dom],
-                [ys[i] for i in dom],
-                s=40,
-                facecolors="white",
-                edgecolors="0.45",
-                zorder=4,
-                label="dominated",
-            )  # fmt: skip  (hollow, above the front: a hidden point still shows)
-        bad = [i for i in range(n) if i not in measured]
-        if bad:
-            ax.scatter([xs[i] for i in bad], [ys[i] for i in bad], s=46, marker="x", color="C3", zorder=4,
-                       label=f"noisy latency (p90/median > {NOISE_SPREAD})")  # fmt: skip
-        if published:
-            pub = range(n, len(xs))
-            ax.scatter([xs[i] for i in pub], [ys[i] for i in pub], s=44, marker="D", color="C1", alpha=0.8, zorder=2,
-                       label=f"{REFERENCE_LABEL}, {REFERENCE_BACKBONE}")  # fmt: skip
-        ax.margins(x=0.18, y=0.14)
-        if zero_at is not None:
-            ax.axvline(zero_at * 1.8, color="0.8", lw=0.8, ls=":")
-            lo, hi = ax.get_xlim()
-            ticks = [t for t in LogLocator(base=10).tick_values(lo, hi) if zero_at * 3 < t <= hi]
-            ax.xaxis.set_major_locator(FixedLocator([zero_at, *ticks]))
-            minor = LogLocator(base=10, subs=tuple(range(2, 10))).tick_values(lo, hi)
-            ax.xaxis.set_minor_locator(FixedLocator([t for t in minor if zero_at * 3 < t <= hi]))
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            ax.set_xticklabels(["0"] + [f"{t:g}" for t in ticks])
-        ax.grid(True, which="major", color="0.9", lw=0.8)
-        ax.set_axisbelow(True)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=11)  # a long pool wraps, never clipped
-        ax.legend(loc="lower right", fontsize=8, frameon=False)
-        fig.canvas.draw()
-        _place_labels(fig, ax, xs, ys, labels)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        png, svg = out_dir / f"{stem}.png", out_dir / f"{stem}.svg"
-        fig.savefig(png, format="png", metadata={"Software": None})
-        fig.savefig(svg, format="svg", metadata={"Date": None, "Creator": None})
-    return Plot(stem, title, png, svg)
-
-
-PARAMS_X = "trainable parameters, excluding the head (millions, log scale)"
-
-
-def _published_overlay(backbone: str) -> bool:
-    """Published ViT-B/16 IN-21k numbers sit beside measured VTAB-1k rows of that backbone only."""
-    return backbone.startswith("vit_base_patch16_224") and "21k" in backbone
-
-
-def make_plots(lb: Leaderboard, out_dir: Path, reference: pd.DataFrame | None = None) -> list[Plot]:
-    """Per backbone and dataset (VTAB-1k: mean of 19 tasks, complete rows only) with at least two rows:
-    accuracy vs parameters and, where at least two rows have a like-for-like latency, vs latency overhead.
-    The published numbers get a plot of their own and sit beside measured ViT-B/16 IN-21k VTAB-1k rows."""
-    plots = []
-    ref = reference if reference is not None else pd.DataFrame(columns=["method", "params_m", "mean19"])
-    pub = [(f"{m} (pub.)", p, a) for m, p, a in ref[["method", "params_m", "mean19"]].itertuples(index=False)]
-    for backbone in lb.backbones:
-        series: list[tuple[str, str, pd.DataFrame]] = []
-        vtab = lb.vtab_rows(backbone)
-        vtab = vtab[vtab["mean19"].notna()]
-        series.append(("vtab1k", "VTAB-1k top-1 (%), mean of 19 tasks", vtab.assign(acc=vtab["mean19"])))
-        for d in lb.other_datasets(backbone):
-            rows = lb.other_rows(backbone)
-            acc = [lb.cell(r, d)["mean"] if lb.cell(r, d) is not None else float("nan") for _, r in rows.iterrows()]
-            rows = rows.assign(acc=acc)
-            series.append((d, f"{d} top-1 (%)", rows[rows["acc"].notna()]))
-        for name, ylabel, rows in series:
-            if len(rows) < 2:
-                continue  # one point compares with nothing
-            stem = f"{_slug(backbone)}_{_slug(name)}"
-            overlay = pub if name == "vtab1k" and _published_overlay(backbone) else []
-            p = [(r["label"], r["params_m"], r["acc"]) for _, r in rows.iterrows() if not _na(r["params_m"])]
-            title = f"{backbone}: {name if name != 'vtab1k' else 'VTAB-1k'}, accuracy vs trainable parameters"
-            plots.append(plot_tradeoff(p, PARAMS_X, ylabel, title, True, out_dir, f"{stem}_params", published=overlay))
-            lat = rows[rows["lat_ratio"].notna()]
-            if len(lat) >= 2:
-                ats = sorted({a.split("; median")[0] for a in lat["lat_at"]})
-                where = ats[0] if len(ats) == 1 else "settings differ, see the table"
-                points = [(r["label"], r["lat_ratio"], r["acc"]) for _, r in lat.iterrows()]
-                noisy = [r["label"] for _, r in lat.iterrows() if r["lat_noisy"]]
-                title = f"{backbone}: {name if name != 'vtab1k' else 'VTAB-1k'}, accuracy vs latency overhead"
-                xlabel = f"inference latency overhead (× bare backbone, median per call)\n{where}"
-                plots.append(
-                    plot_tradeoff(points, xlabel, ylabel, title, False, out_dir, f"{stem}_latency", noisy=noisy)
-                )
-    if pub:  # a plot of published rows only: short labels, the re-tuned study's rows marked
-        retuned = " [PETL_Vision]"
-        short = [
-            (m.replace(retuned, "†"), p, a) for m, p, a in ref[["method", "params_m", "mean19"]].itertuples(index=False)
-        ]
-        title = f"{REFERENCE_LABEL}: VTAB-1k, {REFERENCE_BACKBONE}"
-        if any(retuned in m for m in ref["method"]):
-            title += "\n† PETL_Vision (Mai et al., 2025): re-tuned, last epoch"
-        ylabel = "VTAB-1k top-1 (%), mean of 19 tasks"
-        plots.append(
-            plot_tradeoff([], PARAMS_X, ylabel, title, True, out_dir, "published_vtab1k_params", published=short)
-        )
-    return plots
-
-
-# -- pages -----------------------------------------------------------------------------------------
-
-DEFINITIONS = [
-    "Only final runs (train800val200 -> test) with status ok rank; tune runs are ignored; failed and interrupted "
-    "runs are listed apart, never averaged. A rerun of a seed replaces it (the latest wins).",
-    "Cells: top-1 (%) at the last epoch, mean ± sample standard deviation (ddof=1) over seeds, n seeds in "
-    "brackets; one seed shows no std. * marks seeds run with different settings.",
-    "VTAB-1k: a group mean averages the group's task means; 'mean (19 tasks)' averages the 19 task means; "
-    "'mean of group means' averages the three group means. Papers mix the two conventions; both are shown, "
-    "labelled, and only when every task they need is there (else the count of tasks present).",
-    "params (M): trainable parameters excluding the classifier head, in millions (mean over tasks, marked †, "
-    "when it varies with the task, e.g. VPT's per-task prompt lengths).",
-    "Costs like for like: a latency stands beside an accuracy only when it was measured on the same backbone, "
-    "method config, input size, device and dtype as the runs: the runs' own measurement, else a bench record "
-    "(bench.only=true) with all five equal. Otherwise the cell says 'not measured at <size> px' and the notes "
-    "give the command that measures it. Train img/s and peak memory are the runs' own.",
-    "latency overhead: median latency per forward call of the method over the bare backbone's, both timed in "
-    "turns in one process (synchronised, warm-up, then timed calls), merged where the method allows it, at "
-    "batch 1; in brackets p90/median, the larger of the method's and the bare backbone's.",
-    f"Noise: 'noisy' when p90/median exceeds {NOISE_SPREAD} (a few slow calls move such a median: the ratio says "
-    "nothing; noisy points are crosses in the plots, never on a front); ≈ when |ratio − 1| is within "
-    "p90/median − 1 (the difference is smaller than the call-to-call variation).",
-    "peak mem: CUDA allocator peak (reset per measurement); on a CPU the peak RSS of a fresh process per method "
-    "in bench records, while a run's own number, marked (process), is its process's lifetime peak and not per method.",
-    f"PPT (performance-parameter trade-off, as SCT, Zhao et al. 2023, define it): mean of 19 tasks × "
-    f"exp(-log10(P / C + 1)), P = trainable parameters excluding the head, C = {PPT_C:.0e}.",
-    "Plots: only where at least two rows compare; the Pareto front (maximise accuracy, minimise parameters or "
-    "latency overhead) is a staircase, hollow points are dominated, orange diamonds are published numbers "
-    "(never on the front). Linear probing (0 trainable parameters besides the head) sits at the axis' '0' tick.",
-]
+    @property
+    def key(self) -> str:
+        return slug(self.title)
 
 
 @dataclasses.dataclass(frozen=True)
 class Page:
-    """Everything rendered: the header lines, the sections in order (title, tables, plots), warnings."""
+    """Everything rendered: the summary line, the sections in order, what the page was made from (records,
+    commits, dates, devices, versions), warnings and definitions."""
 
     intro: list[str]
-    sections: list[tuple[str, list[Table], list[Plot]]]
+    sections: list[Section]
     warnings: list[str]
+    provenance: list[str] = dataclasses.field(default_factory=list)
+    definitions: list[str] = dataclasses.field(default_factory=definitions)
 
 
 def _provenance_lines(lb: Leaderboard, runs: pd.DataFrame, bench: pd.DataFrame | None) -> list[str]:
@@ -921,29 +725,31 @@ def build_page(
     out_dir: Path | None = None,
     composition: tuple[list[Table], list[Plot]] | None = None,
 ) -> Page:
-    """The page's sections; record links relative to ``out_dir`` (give the leaderboard ``relative_to`` it)."""
+    """The page's sections, summaries first (the composition table first where merges are given); record links
+    relative to ``out_dir`` (give the leaderboard ``relative_to`` it)."""
     sections = []
+    if composition is not None:  # merges were asked for: their table is what the page is for
+        sections.append(Section("Composition (merge records, AdapterFusion runs)", *composition))
     for backbone in lb.backbones:
-        tables = []
+        summary, details = [], []
         if not lb.vtab_rows(backbone).empty:
-            tables += [vtab_summary_table(lb, backbone), vtab_tasks_table(lb, backbone)]
+            summary += [vtab_summary_table(lb, backbone), vtab_tasks_table(lb, backbone)]
         if not lb.other_rows(backbone).empty:
-            tables.append(other_table(lb, backbone))
+            summary.append(other_table(lb, backbone))
         if (lb.rows["backbone"] == backbone).any():
-            tables.append(provenance_table(lb, backbone))
-        mine = [p for p in plots if p.stem.startswith(_slug(backbone) + "_")]
-        if tables or mine:
-            sections.append((backbone, tables, mine))
+            details.append(provenance_table(lb, backbone))
+        mine = [p for p in plots if p.stem.startswith(slug(backbone) + "_")]
+        if summary or details or mine:
+            sections.append(Section(backbone, summary, mine, details, measure_commands(lb, backbone)))
     if methods is not None:
-        sections.append(("Methods compared (bench records)", methods_tables(methods, out_dir), []))
-    if composition is not None:
-        sections.append(("Composition (merge records, AdapterFusion runs)", *composition))
-    sections.append(("Failed and interrupted runs", [failures_table(lb)], []))
+        sections.append(Section("Methods compared (bench records)", methods_tables(methods, out_dir)))
+    sections.append(Section("Failed and interrupted runs", [failures_table(lb)]))
     ref_plots = [p for p in plots if p.stem.startswith("published_")]
-    sections.append((f"Reference: {REFERENCE_LABEL}", reference_tables(load_reference()), ref_plots))
+    sections.append(Section(f"Reference: {REFERENCE_LABEL}", reference_tables(load_reference()), ref_plots,
+                            reference=True))  # fmt: skip
     runs = runs if runs is not None else pd.DataFrame(columns=["env.git_sha"])
-    intro = _provenance_lines(lb, runs, methods)
-    return Page(intro, sections, list(lb.warnings))
+    first, *provenance = _provenance_lines(lb, runs, methods)
+    return Page([first], sections, list(lb.warnings), provenance)
 
 
 def relative_to(lb: Leaderboard, out_dir: Path | None) -> Leaderboard:
@@ -957,120 +763,19 @@ def relative_to(lb: Leaderboard, out_dir: Path | None) -> Leaderboard:
 
 
 def page_markdown(page: Page) -> str:
-    out = ["# vpeft leaderboard", "", *page.intro, ""]
-    for title, tables, plots in page.sections:
-        out += [f"## {title}", ""]
-        out += [table_markdown(t) for t in tables]
-        out += [f"![{p.title}]({p.png.name})" for p in plots]
-        if plots:
-            out.append("")
-    if page.warnings:
-        out += ["## Warnings", "", *[f"- {w}" for w in page.warnings], ""]
-    out += ["## Definitions", "", *[f"- {d}" for d in DEFINITIONS], ""]
-    return "\n".join(out)
+    return _env().get_template("leaderboard.md.j2").render(page=page)
 
 
 def page_latex(page: Page) -> str:
-    out = ["% vpeft leaderboard tables; needs \\usepackage{booktabs} and \\usepackage{graphicx}"]
-    out += [f"% {line}" for line in page.intro] + [""]
-    for title, tables, _ in page.sections:
-        out.append(f"% --- {title}")
-        out += [table_latex(t) for t in tables if not t.frame.empty]
-    return "\n".join(out)
-
-
-_CSS = " ".join(
-    [
-        "body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1500px;color:#222;padding:0 16px}",
-        "h1{font-size:24px} h2{font-size:19px;margin-top:34px;border-bottom:1px solid #ddd;padding-bottom:4px}",
-        "h3{font-size:15px} .scroll{overflow-x:auto;max-width:100%}",
-        "table{border-collapse:collapse;font-size:12px;margin:6px 0}",
-        "th,td{padding:3px 7px;border-bottom:1px solid #e6e6e6;text-align:right}",
-        "td{white-space:nowrap} th{white-space:normal;min-width:3.5em;max-width:10em;vertical-align:bottom}",
-        "th{background:#f4f6f8;cursor:pointer;user-select:none;position:sticky;top:0}",
-        'th.asc::after{content:" \\25B2"} th.desc::after{content:" \\25BC"} tbody tr:hover{background:#fafbe6}',
-        "details{display:inline} summary{cursor:pointer;color:#1a5fb4} td a{margin-right:4px}",
-        ".notes{font-size:12px;color:#555} .notes code{font-size:11px;background:#f4f4f4;padding:1px 3px}",
-        ".plots{display:flex;flex-wrap:wrap;gap:12px} .plots img{width:640px;max-width:100%;border:1px solid #eee}",
-        ".ref{background:#fbf7ee;border:1px solid #e8dcc0;padding:4px 14px;margin-top:30px} .warn{color:#8a4b00}",
-        ".intro{font-size:13px;color:#333}",
-    ]
-)
-
-# Sorting by a cell's text: a leading number (after ≈) sorts as a number, a dash or nothing last, words as words.
-_JS = """
-function sortKey(cell){
-  if (!cell) return null;
-  var t = cell.textContent.trim();
-  if (t === '' || t.charAt(0) === '\\u2013') return null;
-  var m = t.match(/^\\u2248?(-?\\d[\\d.]*(?:e[-+]?\\d+)?)[%\\u00d7\\u2020]?(?: .*)?$/i);
-  return m ? parseFloat(m[1]) : t.toLowerCase();
-}
-document.querySelectorAll('table.sortable').forEach(function(table){
-  table.querySelectorAll('thead th').forEach(function(th, col){
-    th.title = 'click to sort';
-    th.addEventListener('click', function(){
-      var asc = !th.classList.contains('asc');
-      table.querySelectorAll('thead th').forEach(function(h){h.classList.remove('asc','desc');});
-      th.classList.add(asc ? 'asc' : 'desc');
-      var body = table.tBodies[0];
-      var rows = Array.prototype.slice.call(body.rows);
-      rows.sort(function(a, b){
-        var x = sortKey(a.cells[col]), y = sortKey(b.cells[col]);
-        if (x === null) return y === null ? 0 : 1;
-        if (y === null) return -1;
-        var c = (typeof x === 'number' && typeof y === 'number') ? x - y
-              : (typeof x === 'number') ? -1 : (typeof y === 'number') ? 1 : x.localeCompare(y);
-        return asc ? c : -c;
-      });
-      rows.forEach(function(r){body.appendChild(r);});
-    });
-  });
-});
-// a link can carry a sort: page.html#sort=<table id>:<column>[:desc]
-(function(){
-  var m = location.hash.match(/^#sort=([A-Za-z0-9_-]+):(\\d+)(:desc)?$/);
-  var table = m && document.getElementById(m[1]);
-  var th = table && table.querySelectorAll('thead th')[parseInt(m[2], 10)];
-  if (th) { th.click(); if (m[3]) th.click(); }
-})();
-"""
+    return _env().get_template("leaderboard.tex.j2").render(page=page)
 
 
 def page_html(page: Page) -> str:
-    parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        "<title>vpeft leaderboard</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>vpeft leaderboard</h1>",
-        "<div class='intro'>" + "".join(f"<p>{html.escape(line)}</p>" for line in page.intro),
-        "<p>Click a column header to sort (again to reverse); hover a cell for where its number comes from.</p></div>",
-    ]
-    for title, tables, plots in page.sections:
-        ref = title.startswith("Reference")
-        parts.append('<section class="ref">' if ref else "<section>")
-        parts.append(f"<h2>{html.escape(title)}</h2>")
-        parts += [table_html(t) for t in tables]
-        if plots:
-            parts.append('<div class="plots">')
-            for p in plots:
-                data = base64.b64encode(p.svg.read_bytes()).decode()
-                parts.append(f'<img alt="{html.escape(p.title)}" src="data:image/svg+xml;base64,{data}">')
-            parts.append("</div>")
-        parts.append("</section>")
-    if page.warnings:
-        items = "".join(f"<li>{html.escape(w)}</li>" for w in page.warnings)
-        parts.append(f'<h2>Warnings</h2><ul class="warn">{items}</ul>')
-    parts.append("<h2>Definitions</h2>" + _notes_html(DEFINITIONS))
-    parts.append(f"<script>{_JS}</script></body></html>\n")
-    return "\n".join(parts)
+    return _env().get_template("leaderboard.html.j2").render(page=page)
 
 
 def methods_markdown(methods: pd.DataFrame, out_dir: Path | None = None) -> str:
-    tables = methods_tables(methods, out_dir)
-    body = [table_markdown(t, level=2) for t in tables] if tables else ["(no bench records)", ""]
-    return "\n".join(["# vpeft methods compared", "", *body])
+    return _env().get_template("methods.md.j2").render(tables=methods_tables(methods, out_dir))
 
 
 # -- the whole thing -------------------------------------------------------------------------------
