@@ -29,9 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import vpeft.config  # noqa: E402,F401  (resolvers)
 from vpeft.results import iter_records  # noqa: E402
-from vpeft.run import backbone_id  # noqa: E402
-from vpeft.sweep import get_path, select_hparams, write_hparams  # noqa: E402
-from vpeft.vtab import TASKS  # noqa: E402
+from vpeft.results.record import backbone_id  # noqa: E402
+from vpeft.vtab import TASKS, get_path, select_hparams, write_hparams  # noqa: E402
 
 STAGES = ("tune", "select", "final")
 
@@ -76,10 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     if not (ROOT / "conf" / "experiment" / f"{experiment}.yaml").is_file():
         known = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("vtab1k_*.yaml"))
         parser.error(f"no recipe conf/experiment/{experiment}.yaml; recipes: {', '.join(known)}")
+    # a preset on the command line (+experiment=cpu) is composed after the recipe, whose settings it adjusts
+    presets = [p for o in overrides if o.startswith("+experiment=") for p in o.split("=", 1)[1].strip("[]").split(",")]
+    overrides = [o for o in overrides if not o.startswith("+experiment=")]
+    experiments = f"[{','.join([experiment, *presets])}]" if presets else experiment
     run_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=[f"+experiment={experiment}", f"method={args.method}", *run_overrides])
+            cfg = compose("config", overrides=[f"+experiment={experiments}", f"method={args.method}", *run_overrides])
     except Exception as e:  # Hydra's composition errors: an unknown key, a bad override
         parser.error("; ".join(line for line in str(e).splitlines() if line and not line[0].isspace()))
     grid = OmegaConf.to_container(cfg.sweep.grid, resolve=True)
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     hparams = Path(cfg.paths.results).parent / "hparams" / backbone / f"{cfg.method.name}{variant}.json"
     recipe = cfg.get("recipe")  # records of another recipe (or of one from before its changes) never count
-    base = [sys.executable, str(ROOT / "run.py"), "-m", f"+experiment={experiment}", f"method={args.method}"]
+    base = [sys.executable, str(ROOT / "run.py"), "-m", f"+experiment={experiments}", f"method={args.method}"]
     base.append(f"dataset={args.tasks}")
 
     def launch(extra: list[str]) -> int:
@@ -108,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     for stage in args.stage:
         if stage == "tune":
             sweep = [f"{k}={','.join(_value(v) for v in values)}" for k, values in grid.items()]
-            if launch(["protocol=tune", "seed=0", *sweep]) != 0:
-                return 1
+            code = launch(["protocol=tune", "seed=0", *sweep])
+            if code != 0:
+                return code  # 2: some runs had bad input (the sweep's summary names the fix), 1: some failed
         elif stage == "select":
             if args.dry_run:
                 print(f"select: best val200 top-1 per task over {list(grid)} -> {hparams}")
@@ -134,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             others = sorted(set(chosen) - set(tasks))
             kept = f" (with the choices for {', '.join(others)}, tuned earlier under this recipe)" if others else ""
             print(f"select: wrote {hparams}{kept}")
-        elif stage == "final" and launch(["protocol=final", f"seed={seeds}", f"hparams={hparams}"]) != 0:
-            return 1
+        elif stage == "final" and (code := launch(["protocol=final", f"seed={seeds}", f"hparams={hparams}"])) != 0:
+            return code
     return 0
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
+import sys
 
 import pytest
 from data_helpers import write_noah
-from test_run import odd_images, run_inproc
+from test_run import ROOT, odd_images, run_inproc
 
 from vpeft.results.merges import read_merge_record
 
@@ -54,6 +58,24 @@ def test_a_merge_record_per_task_and_normalized_accuracy(pool):
     assert merge(tmp, tasks, "merge=task_arithmetic", "merge.grid.lam=[0.0,1.0]") == read_merge_record(path)
 
 
+def test_a_pool_in_another_order_is_the_same_merge(pool, capsys):
+    """A pool is a set: the merge of [alpha, beta] after [beta, alpha] is finished, with one record."""
+    tmp, tasks = pool
+    first = merge(tmp, tasks, "merge=task_arithmetic", "merge.grid.lam=[0.0,1.0]")
+    [path] = list((tmp / "merges").rglob("task_arithmetic-*.json"))
+    before = path.read_bytes()
+    capsys.readouterr()
+    again = merge(tmp, tasks[::-1], "merge=task_arithmetic", "merge.grid.lam=[0.0,1.0]")
+    out = capsys.readouterr().out
+    assert f"skipped (finished): {path}" in out and "%)" in out
+    assert list((tmp / "merges").rglob("task_arithmetic-*.json")) == [path] and path.read_bytes() == before
+    assert again == read_merge_record(path) and again["tasks"] == first["tasks"] == ["beta", "alpha"]
+    # negation's [target, control] is an order: the other order is another merge
+    negation = merge(tmp, tasks, "merge=negation", "merge.grid.lam=[0.5,1.0]")
+    swapped = merge(tmp, tasks[::-1], "merge=negation", "merge.grid.lam=[0.5,1.0]")
+    assert negation["config_hash"] != swapped["config_hash"] and swapped["tasks"] == ["alpha", "beta"]
+
+
 def test_test_labels_never_choose(pool, tmp_path):
     """Rewriting every test label changes the test scores but not the coefficients chosen."""
     tmp, tasks = pool
@@ -86,6 +108,7 @@ def test_negation_records_the_drop_and_the_control(pool):
         (["merge.space=diagonal"], "merge.space must be one of"),
         (["merge.tasks=[digits,nosuch]"], "unknown task 'nosuch'"),
         (["merge.tasks=[digits,fashion_mnist]"], "train it first: python run.py method=lora protocol=tune"),
+        (["+merge.spaces=delta"], "unknown key merge.spaces; did you mean merge.space=delta?"),
     ],
 )
 def test_bad_input_exits_2_without_a_record(overrides, needle, tmp_path, capsys):
@@ -158,3 +181,42 @@ def test_leaderboard_composition_section_from_merge_records_and_fusion_runs(pool
     # a missing merges folder is a named error
     with pytest.raises(Exception, match="no merges folder"):
         write_leaderboard(tmp / "runs", out, merges_dir=tmp / "nosuch")
+
+
+def test_every_missing_run_is_named_with_a_command_that_trains_it(tmp_path):
+    """Three tasks, one run done: the merge names the five missing runs, each with its whole command line; the
+    one command that trains them all, run as printed, makes the merge go through."""
+    roots = [write_noah(tmp_path / "tasks" / n, {s: odd_images(12, seed=k * 10 + i) for i, s in enumerate(SPLITS)})
+             for k, n in enumerate(("beta", "alpha", "gamma"))]  # fmt: skip
+    paths = [f"paths.results={tmp_path / 'runs'}", f"paths.cache={tmp_path / 'cache'}"]
+    assert run_inproc(tmp_path, *TINY, "dataset=folder", f"dataset.root={roots[0]}", "protocol=tune")["status"] == "ok"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def merge_cli() -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "run.py", *TINY, *paths, "job=merge", "merge.grid.lam=[1.0]",
+               f"paths.merges={tmp_path / 'merges'}", f"hydra.run.dir={tmp_path / 'hydra'}",
+               f"merge.tasks=[{','.join(f'folder:{r}' for r in roots)}]"]  # fmt: skip
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    res = merge_cli()
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = [line for line in res.stderr.splitlines() if "train it first: " in line]
+    commands = [shlex.split(line.split("train it first: ", 1)[1]) for line in lines]
+    named = {(c[c.index("dataset=folder") + 1], next(a for a in c if a.startswith("protocol="))) for c in commands}
+    expected = {(f"dataset.root={r}", f"protocol={p}") for r in roots for p in ("tune", "final")}
+    assert named == expected - {(f"dataset.root={roots[0]}", "protocol=tune")}  # every missing run, no other
+    for c in commands:  # every override that decides a run's identity, nothing of the merge's own
+        assert c[:3] == ["python", "run.py", "method=lora"] and "..." not in c
+        assert {*TINY, *paths} <= set(c)
+        assert not any(a.startswith(("job=", "merge", "paths.merges", "hydra")) for a in c)
+    [sweep] = [line.split("or all at once (finished runs are skipped): ", 1)[1] for line in res.stderr.splitlines()
+               if "or all at once" in line]  # fmt: skip
+    args = shlex.split(sweep)
+    assert args[:3] == ["python", "run.py", "-m"] and "protocol=tune,final" in args
+    train = subprocess.run([sys.executable, *args[1:], f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-2000:]
+    assert "6 runs: 6 ok (1 skipped as already finished)" in train.stdout
+    res = merge_cli()
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "task_arithmetic (weights) of lora over beta, alpha, gamma" in res.stdout

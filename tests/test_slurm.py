@@ -166,7 +166,7 @@ def test_two_identical_sweeps_at_once_share_results_and_a_cold_cache(cluster, ta
             if done:
                 trained.setdefault(done.group(2), []).append((start, _times(done.group(1), _STAMP)[0]))
             else:
-                assert "skip: " in log and "is finished" in log, log[-2000:]
+                assert "skipped (finished): " in log, log[-2000:]
     assert set(trained) == {str(p) for p in recs}
     for path, runs_of in trained.items():
         runs_of.sort()
@@ -221,7 +221,7 @@ def test_a_requeued_array_keeps_its_finished_record_and_reruns_the_interrupted_r
     logs = job_logs(tmp_path, "sweep")
     for task in ("0", "1"):  # each task ran twice under its one job id
         assert logs[f"{array}_{task}"].count("Starting with JobEnvironment") == 2, logs[f"{array}_{task}"][-3000:]
-    assert "skip: " in logs[f"{array}_0"]
+    assert "skipped (finished): " in logs[f"{array}_0"]
     assert "terminated by signal SIGTERM" in logs[f"{array}_1"] and "recording the job as interrupted" in logs[
         f"{array}_1"]  # fmt: skip
     restarts = cluster.run("scontrol", "show", "job", f"{array}_1").stdout

@@ -8,17 +8,17 @@ deltas of trained runs (conf/merge/). Everything below the jobs
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from omegaconf import DictConfig
 
 from vpeft.jobs import InputError, Plan, entered, mark_entered, run_job
-from vpeft.jobs.train import NOT_HASHED, NOT_HASHED_TRAINER, TrainJob, backbone_id, dataset_id, plan_run
+from vpeft.jobs.bench import BenchJob
+from vpeft.jobs.merge import MergeJob
+from vpeft.jobs.train import TrainJob, plan_run
 
-__all__ = [
-    "NOT_HASHED", "NOT_HASHED_TRAINER", "InputError", "Plan", "backbone_id", "dataset_id", "entered", "main",
-    "mark_entered", "plan_run",
-]  # fmt: skip
+__all__ = ["InputError", "Plan", "entered", "main", "mark_entered", "plan_run"]
 
 
 JOBS = ("train", "merge")
@@ -28,18 +28,47 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
     """Run the job the config asks for and write its record; return the record."""
     kind = str(cfg.get("job", "train"))
     if kind not in JOBS:
-        import sys
-
         mark_entered()
         print(f"error: unknown job={kind}; jobs: {', '.join(JOBS)} (bench.only=true measures without training)",
               file=sys.stderr)  # fmt: skip
         sys.exit(2)
     if kind == "merge":
-        from vpeft.jobs.merge import MergeJob
-
         return run_job(MergeJob(), cfg)
     if cfg.get("bench", {}).get("only", False):
-        from vpeft.jobs.bench import BenchJob
-
         return run_job(BenchJob(), cfg)
     return run_job(TrainJob(), cfg)
+
+
+def unknown_key_hint(argv: list[str], config_dir: str) -> str | None:
+    """For Hydra's "Key 'epoch' is not in struct" (``trainer.epoch=3``), whose advice is ``+trainer.epoch=3``: the
+    error that names the closest valid key (``did you mean trainer.epochs=3?``); None for any other error."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from vpeft.config import check_keys
+    from vpeft.errors import ConfigError
+
+    args = [a for a in argv if not a.startswith("-") and "=" in a]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:  # a malformed override: Hydra's own message says it
+        return None
+    plain = [a for a, o in zip(args, parsed) if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    for arg, o in zip(args, parsed):
+        key = o.key_or_group
+        if o.is_add() or o.is_delete() or "." not in key or key.startswith("hydra"):
+            continue
+        group, leaf = key.rsplit(".", 1)
+        try:
+            with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+                cfg = compose("config", [a for a in plain if a != arg])
+        except Exception:
+            continue
+        node = OmegaConf.select(cfg, group)
+        if OmegaConf.is_dict(node) and leaf not in node:
+            try:
+                check_keys(group, {leaf: arg.split("=", 1)[1]}, list(node.keys()))
+            except ConfigError as e:
+                return f"error: {e}"
+    return None

@@ -37,6 +37,7 @@ from vpeft.bench._common import (
 )
 from vpeft.core import merge
 from vpeft.errors import ConfigError
+from vpeft.progress import progress
 
 log = logging.getLogger("vpeft")
 
@@ -141,19 +142,28 @@ def _time_one(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def time_interleaved(
-    fns: dict[str, Callable[[], Any]], warmup: int, iters: int, device: torch.device
+    fns: dict[str, Callable[[], Any]],
+    warmup: int,
+    iters: int,
+    device: torch.device,
+    tick: Callable[[], Any] | None = None,
 ) -> dict[str, list[float]]:
-    """Milliseconds of ``iters`` calls of each function, taking turns in a rotating order after ``warmup``."""
+    """Milliseconds of ``iters`` calls of each function, taking turns in a rotating order after ``warmup``;
+    ``tick()`` after each call (progress)."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
+            if tick is not None:
+                tick()
     synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(iters):
         k = i % len(names)
         for name in names[k:] + names[:k]:
             times[name].append(_time_one(fns[name], device))
+            if tick is not None:
+                tick()
     return times
 
 
@@ -222,6 +232,8 @@ def measure_latency(
     g = torch.Generator(device="cpu").manual_seed(seed)
     results: list[LatencyStat] = []
     n_cases = len(dtypes) * len(batches)
+    calls = n_cases * len(variants) * (warmup + iters)
+    bar = progress(desc=f"measuring latency ({'/'.join(variants)})", total=calls, unit="call")
     try:
         with torch.inference_mode():
             for dtype in dtypes:
@@ -237,9 +249,11 @@ def measure_latency(
                             return m(x)
 
                     fns = {name: (lambda m=m: call(m)) for name, m in variants.items()}
-                    times = time_interleaved(fns, warmup, iters, device)
+                    bar.set_description(f"measuring latency ({'/'.join(variants)}, {dtype}, batch {batch})", False)
+                    times = time_interleaved(fns, warmup, iters, device, tick=bar.update)
                     results += [_stat(name, dtype, batch, times[name]) for name in variants]
     finally:
+        bar.close()
         for name, m in variants.items():
             m.train(modes[name])
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import vpeft  # the package's own folder goes on the measuring process's path; its methods unpickle the model
 from vpeft.bench._common import (
     as_device,
     autocast,
@@ -28,6 +29,7 @@ from vpeft.bench._common import (
 )
 from vpeft.core import applied_method, trainable_parameters
 from vpeft.errors import ConfigError, VpeftError
+from vpeft.progress import progress
 
 PEAK_MEM_KINDS = ("cuda_max_allocated", "cpu_peak_rss", "cpu_peak_rss_isolated")
 
@@ -145,13 +147,15 @@ def measure_training(
             synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         model.train()
-        with torch.enable_grad():
+        with torch.enable_grad(), progress(desc="measuring training cost", total=warmup + steps, unit="step") as bar:
             for _ in range(warmup):
                 step()
+                bar.update()
             synchronize(device)
             start = time.perf_counter()
             for _ in range(steps):
                 step()
+                bar.update()
             synchronize(device)
             seconds = time.perf_counter() - start
         peak, kind = _peak_mb(device)
@@ -214,8 +218,6 @@ def _child_main(argv: Sequence[str]) -> None:
 
     model_path, out_path, threads, kwargs = argv[0], argv[1], int(argv[2]), json.loads(argv[3])
     torch.set_num_threads(threads)
-    import vpeft  # noqa: F401  (the method classes the saved model refers to)
-
     base = _rss_mb()
     model = torch.load(model_path, weights_only=False, mmap=True)  # no transient second copy of the weights
     os.unlink(model_path)  # the parent's copy on disk is no longer needed
@@ -252,8 +254,6 @@ def measure_training_isolated(
     import json
     import subprocess
 
-    import vpeft
-
     require_real(model, "measure_training_isolated")
     size = list(resolve_input_size(model, input_size))
     kwargs = dict(input_size=size, batch_size=batch_size, steps=steps, warmup=warmup, dtype=dtype, lr=lr)
@@ -266,7 +266,9 @@ def measure_training_isolated(
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         code = "import sys; from vpeft.bench.training import _child_main; _child_main(sys.argv[1:])"
         argv = [model_path, out_path, str(torch.get_num_threads()), json.dumps(kwargs)]
-        done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True)
+        with progress(desc="measuring training cost (in a fresh process)", total=1, unit="process") as bar:
+            done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True)
+            bar.update()
         if done.returncode != 0 or not os.path.exists(out_path):
             why = "killed (out of memory?)" if done.returncode < 0 else f"exit status {done.returncode}"
             tail = "\n".join(done.stderr.strip().splitlines()[-5:])

@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from vpeft.errors import ConfigError, DataError
+from vpeft.progress import progress
 
 INTERPOLATIONS: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
@@ -28,7 +27,7 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
 }
-PROGRESS_MIN = 2000  # splits at least this large show a progress bar (on a terminal)
+PROGRESS_MIN = 2000  # splits at least this large show their progress (vpeft.progress)
 _CHUNK = 64  # images per thread-pool job: large enough to amortise scheduling, small enough to balance
 
 
@@ -144,8 +143,7 @@ def decode_images(
         return stop - start
 
     workers = max(1, num_workers if num_workers is not None else (os.cpu_count() or 1))
-    disable = True if n < PROGRESS_MIN else None  # None: shown only on a terminal
-    with tqdm(total=n, desc=desc, unit="img", disable=disable, leave=False, file=sys.stderr) as bar:
+    with progress(total=n, desc=desc, unit="img", enabled=n >= PROGRESS_MIN) as bar:
         if workers == 1 or n <= _CHUNK:
             for start in range(0, n, _CHUNK):
                 bar.update(work(start))

@@ -46,7 +46,7 @@ def _decode(name: str, items: SplitItems, size: tuple[int, int], interpolation: 
         return image
 
     images = decode.decode_images(
-        items.n, load, size, interpolation, workers, desc=f"{name} {items.name}", describe=items.describe
+        items.n, load, size, interpolation, workers, desc=f"decoding {name} {items.name}", describe=items.describe
     )
     return images, torch.from_numpy(labels)
 

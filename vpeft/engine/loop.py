@@ -3,7 +3,8 @@
 Every split arrives as one uint8 tensor already at the backbone's input size, so an epoch is a
 random permutation and a few index gathers: no DataLoader, no decoding. Images are normalised on
 the device. Losses and correct counts accumulate on the device; the host reads them once per
-epoch, so a step never waits for the GPU.
+epoch, so a step never waits for the GPU. Progress is per batch and says what runs ("training epoch
+3/8"), a line every half minute when stderr is a log rather than a terminal (``vpeft.progress``).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from torch import nn
-from tqdm.auto import tqdm
 
 from vpeft.errors import ConfigError, RunFailed
+from vpeft.progress import progress as progress_bar
 
 
 class DivergedError(RunFailed, FloatingPointError):
@@ -152,6 +153,7 @@ def evaluate(
     batch_size: int = 256,
     amp: str = "auto",
     progress: bool = False,
+    desc: str = "evaluating",
 ) -> tuple[float, float]:
     """Top-1 accuracy (%) and mean cross-entropy of ``model`` on a uint8 split."""
     amp = resolve_amp(amp, device)
@@ -163,7 +165,7 @@ def evaluate(
     labels = labels.to(images.device)
     batches = _batches(len(labels), batch_size, None, images.device)
     total = math.ceil(len(labels) / batch_size)
-    for idx in tqdm(batches, desc="evaluate", unit="batch", total=total, disable=not progress, dynamic_ncols=True):
+    for idx in progress_bar(batches, desc=desc, unit="batch", total=total, enabled=progress):
         x = normalize(images[idx].to(device, non_blocking=True))
         y = labels[idx].to(device, non_blocking=True)
         with autocast(amp, device):
@@ -223,10 +225,11 @@ def train(
     total_steps = cfg.epochs * steps_per_epoch
     method = getattr(model, "vpeft_method", None)  # the applied method's training hooks (vpeft.methods._base)
     model.train()
-    bar = tqdm(range(cfg.epochs), desc="train", unit="epoch", disable=not cfg.progress, dynamic_ncols=True)
+    bar = progress_bar(desc=f"training epoch 1/{cfg.epochs}", total=total_steps, unit="batch", enabled=cfg.progress)
     _sync(device)
     start = time.perf_counter()
-    for epoch in bar:
+    for epoch in range(cfg.epochs):
+        bar.set_description(f"training epoch {epoch + 1}/{cfg.epochs}", refresh=False)
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for idx in _batches(n, cfg.batch_size, generator, images.device):
@@ -249,6 +252,7 @@ def train(
                 method.on_step(model, step, total_steps)  # gradients still present
             scheduler.step_update(step)
             loss_sum += loss.detach().double() * len(idx)
+            bar.update()
         epoch_loss = loss_sum.item() / n  # the one host sync of the epoch
         if not math.isfinite(epoch_loss):
             raise DivergedError(
@@ -266,9 +270,10 @@ def train(
                 best = (stats.eval_top1, epoch + 1)
             model.train()
         history.append(stats)
-        bar.set_postfix(loss=f"{epoch_loss:.4f}", img_s=f"{stats.images_per_s:.0f}")
+        bar.set_postfix(loss=f"{epoch_loss:.4f}", img_s=f"{stats.images_per_s:.0f}", refresh=False)
         if on_epoch_end is not None:
             on_epoch_end(stats)
+    bar.close()
     _sync(device)
     train_seconds = time.perf_counter() - start
     eval_start = time.perf_counter()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,24 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vpeft.errors import ConfigError, DataError, NotMergeableError
+from vpeft import compose
+from vpeft.backbones import backbone_from_config
+from vpeft.config import check_keys
+from vpeft.data import load_task
+from vpeft.engine.loop import evaluate
+from vpeft.errors import ConfigError, DataError, NotMergeableError, UnknownNameError
 from vpeft.jobs.runner import Context, Job, Plan, hydra_overrides
-from vpeft.methods import METHODS
-from vpeft.results import config_hash
+from vpeft.jobs.train import plan_run, seed_everything
+from vpeft.methods import METHODS, mergeable_methods
+from vpeft.progress import progress
+from vpeft.results import config_hash, read_record
+from vpeft.results.merges import MERGE_KIND, MERGE_SCHEMA_VERSION, read_merge_record, validate_merge_record
+from vpeft.results.store import record_lock, write_json_atomic
 
 log = logging.getLogger("vpeft")
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
+MERGE_KEYS = ("algorithm", "space", "tasks", "grid", "params")  # what conf/merge/*.yaml set
 NEGATION_KEEP = 0.95  # the control task keeps at least this share of its own val200 top-1 (Ilharco et al.)
 
 
@@ -62,16 +73,12 @@ class MergeJob(Job):
     kind = "merge"
 
     def plan(self, cfg: DictConfig) -> Plan:
-        from vpeft import compose
-        from vpeft.jobs.train import plan_run
-
         m = OmegaConf.to_container(cfg.merge, resolve=True)
+        check_keys("merge", m, MERGE_KEYS)
         tasks = [str(t) for t in m.get("tasks") or []]
         algorithm = m["algorithm"]
         negation = algorithm == "negation"
         if algorithm not in (*compose.ALGORITHMS, "negation"):
-            from vpeft.errors import UnknownNameError
-
             raise UnknownNameError("merge algorithm", algorithm, [*compose.ALGORITHMS, "negation"])
         if len(tasks) < 2 or len(set(tasks)) != len(tasks) or (negation and len(tasks) != 2):
             want = "two tasks: [target, control]" if negation else "at least two distinct tasks"
@@ -80,8 +87,6 @@ class MergeJob(Job):
             raise ConfigError(f"merge.space must be one of {', '.join(compose.SPACES)}, got {m['space']!r}")
         method = str(cfg.method.name)
         if m["space"] == "weights" and method in METHODS and not METHODS.get(method).mergeable:
-            from vpeft.methods import mergeable_methods
-
             raise NotMergeableError(
                 f"{method} has no weight-space task vector (its delta changes the computation, not the weights); "
                 f"mergeable methods: {', '.join(mergeable_methods())}; merge.space=delta merges its own tensors"
@@ -98,22 +103,23 @@ class MergeJob(Job):
             "backbone": first.identity["backbone"],
             "algorithm": algorithm,
             "space": m["space"],
-            "tasks": [r["final"].identity["dataset"] for r in runs.values()],
+            "tasks": [r["final"].identity["dataset"] for r in runs.values()],  # as given: the record shows them so
             "seed": first.identity["seed"],
         }
-        hashed = {**ident, "grid": grid, "params": m.get("params") or {},
+        # a pool is a set: its merge has one hash and one record in whatever order the tasks are given;
+        # negation's [target, control] is an order
+        pool = ident["tasks"] if negation else sorted(ident["tasks"])
+        hashed = {**ident, "tasks": pool, "grid": grid, "params": m.get("params") or {},
                   "runs": {t: [r["tune"].identity["config_hash"], r["final"].identity["config_hash"]] for t, r in runs.items()}}  # fmt: skip  # noqa: E501
         ident["config_hash"] = config_hash(hashed)
         root = Path(cfg.paths.get("merges") or Path(cfg.paths.results).parent / "merges")
-        name = f"{algorithm}-{m['space']}-{'+'.join(ident['tasks'])}-seed{ident['seed']}-{ident['config_hash']}.json"
+        name = f"{algorithm}-{m['space']}-{'+'.join(pool)}-seed{ident['seed']}-{ident['config_hash']}.json"
         path = root / ident["backbone"].replace("/", "_") / ident["method"] / name
         resolved = OmegaConf.to_container(cfg, resolve=True)
         return Plan(cfg, resolved, hydra_overrides()[0], ident, path,
                     extra={"runs": runs, "tasks": tasks, "grid": grid, "params": m.get("params") or {}})  # fmt: skip
 
     def base_record(self, plan: Plan, env: dict[str, Any], started: str) -> dict[str, Any]:
-        from vpeft.results.merges import MERGE_KIND, MERGE_SCHEMA_VERSION
-
         return {
             "kind": MERGE_KIND,
             "schema_version": MERGE_SCHEMA_VERSION,
@@ -133,14 +139,9 @@ class MergeJob(Job):
         }
 
     def read(self, path: Path) -> dict[str, Any]:
-        from vpeft.results.merges import read_merge_record
-
         return read_merge_record(path)
 
     def write(self, path: Path, record: dict[str, Any]) -> bool:
-        from vpeft.results.merges import validate_merge_record
-        from vpeft.results.store import record_lock, write_json_atomic
-
         validate_merge_record(record)
         with record_lock(path):
             if record["status"] != "ok" and path.exists():
@@ -153,20 +154,14 @@ class MergeJob(Job):
         return True
 
     def describe(self, record: dict[str, Any]) -> str:
-        return f"mean top-1 {record['metrics'].get('mean_top1')}"
+        top1 = record["metrics"].get("mean_top1")
+        return f"mean top-1 {top1:.2f}%" if isinstance(top1, (int, float)) else "no mean top-1"
 
     def execute(self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context) -> None:
-        from vpeft import compose
-        from vpeft.backbones import backbone_from_config
-        from vpeft.data import load_task
-        from vpeft.engine.loop import evaluate
-
         x = plan.extra
         tasks, runs = x["tasks"], x["runs"]
-        deltas = {t: {p: _finished_delta(runs[t][p], t, p) for p in ("tune", "final")} for t in tasks}
+        deltas = _finished_deltas(plan)
         r = plan.resolved
-        from vpeft.jobs.train import seed_everything
-
         seed_everything(plan.identity["seed"])  # a randomly initialised backbone is the runs' own only so
         bb = backbone_from_config(r["backbone"], num_classes=1)  # any head: each task's replaces it
         base = bb.model.to(device).eval()
@@ -200,7 +195,8 @@ class MergeJob(Job):
             return top1(model, t, "tune")
 
         scored = []
-        for point in grid_points:
+        desc = f"merging ({plan.identity['algorithm']}): scoring grid points on val200"
+        for point in progress(grid_points, desc=desc, unit="point", enabled=len(grid_points) > 1):
             params = {**x["params"], **point}
             scores = scorer(compose, base, vectors["tune"], heads["tune"], tasks, params, plan.identity, val)
             scored.append({"params": params, "val_top1": scores})
@@ -279,28 +275,78 @@ def _negation_scores(compose, base, vectors, heads, tasks, params, identity, sco
 
 
 def _run_record(plan: Plan) -> dict[str, Any]:
-    from vpeft.results import read_record
-
     return read_record(plan.record_path)
 
 
-def _finished_delta(plan: Plan, task: str, protocol: str) -> Path:
-    """The delta file of the finished run this merge needs, or an error that says how to get it."""
-    from vpeft.results import read_record
+PROTOCOLS = ("tune", "final")
+# overrides of the merge command that are not its runs' (a run's method, dataset and protocol are set per
+# run, and it must save its delta); method.* fields stay: they decide a run's identity
+NOT_RUN_OVERRIDES = ("job", "dataset", "protocol", "method", "save_delta", "skip_finished", "paths.merges")
+NOT_RUN_PREFIXES = ("merge", "dataset.", "hydra")
 
-    path = plan.record_path
-    dataset = f"folder dataset.root={task[7:]}" if task.startswith("folder:") else task
-    how = f"train it first: python run.py method={plan.identity['method']} protocol={protocol} dataset={dataset} ..."
+
+def _finished_deltas(plan: Plan) -> dict[str, dict[str, Path]]:
+    """The delta file of every finished run the merge needs, or one error naming every missing run with the
+    command that trains it (and one that trains them all)."""
+    deltas: dict[str, dict[str, Path]] = {}
+    missing: list[tuple[str, str, str]] = []
+    for task in plan.extra["tasks"]:
+        for protocol in PROTOCOLS:
+            run = plan.extra["runs"][task][protocol]
+            why = _unfinished(run)
+            if why:
+                missing.append((task, protocol, why))
+            else:
+                deltas.setdefault(task, {})[protocol] = run.record_path.with_name(_run_record(run)["delta_file"])
+    if not missing:
+        return deltas
+    method = plan.identity["method"]
+    shared = [o for o in plan.overrides if not _is_run_specific(o)]
+    lines = [f"the merge needs {len(missing)} more finished {'run' if len(missing) == 1 else 'runs'} of {method}:"]
+    for task, protocol, why in missing:
+        cmd = _train_command(method, [f"protocol={protocol}", *_dataset_overrides([task])], shared)
+        lines.append(f"  {task} ({protocol}): {why}; train it first: {cmd}")
+    tasks = list(dict.fromkeys(t for t, _, _ in missing))
+    folders = {t.startswith("folder:") for t in tasks}
+    if len(missing) > 1 and len(folders) == 1:  # one sweep trains them all (and skips what is finished)
+        protocols = ",".join(p for p in PROTOCOLS if any(q == p for _, q, _ in missing))
+        sweep = _train_command(method, [f"protocol={protocols}", *_dataset_overrides(tasks)], shared, multirun=True)
+        lines.append(f"or all at once (finished runs are skipped): {sweep}")
+    raise DataError("\n".join(lines))
+
+
+def _unfinished(run: Plan) -> str | None:
+    """Why the run's record cannot be merged (None: it can)."""
+    path = run.record_path
     try:
         record = read_record(path)
     except (OSError, ValueError):
-        raise DataError(f"no finished {protocol} run of {task} for this config at {path}: {how}") from None
+        return f"no finished run at {path}"
     if record["status"] != "ok" or not record.get("delta_file"):
-        raise DataError(f"the {protocol} run of {task} at {path} is {record['status']} or has no delta file: {how}")
+        return f"the run at {path} is {record['status']} or has no delta file"
     delta = path.with_name(record["delta_file"])
     if not delta.is_file():
-        raise DataError(f"the delta file {delta} of {path} is missing: {how} (a finished run without it trains again)")
-    return delta
+        return f"the delta file {delta} of {path} is missing (a finished run without it trains again)"
+    return None
+
+
+def _is_run_specific(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key in NOT_RUN_OVERRIDES or key.startswith(NOT_RUN_PREFIXES)
+
+
+def _dataset_overrides(tasks: list[str]) -> list[str]:
+    """The overrides that choose the tasks' datasets (several: a sweep over them)."""
+    if tasks[0].startswith("folder:"):
+        return ["dataset=folder", "dataset.root=" + ",".join(t.split(":", 1)[1] for t in tasks)]
+    return ["dataset=" + ",".join(tasks)]
+
+
+def _train_command(method: str, run: list[str], shared: list[str], multirun: bool = False) -> str:
+    """A command line that trains the run(s): every override of the merge command that decides a run's
+    identity (backbone, trainer, optim, method fields, seed, paths.results, ...), shell-quoted."""
+    args = ["python", "run.py", *(["-m"] if multirun else []), f"method={method}", *run, *shared]
+    return " ".join(shlex.quote(a) for a in args)
 
 
 def _data_args(resolved: dict[str, Any]) -> dict[str, Any]:

@@ -4,8 +4,9 @@ A job (a training run, a bench measurement, a merge) supplies only its own middl
 becomes a plan (identity and record path), the record it starts from, and what it does. The runner
 gives all of them the same guarantees:
 
-- bad input found while planning or setting up exits 2 with the problem and the fix, and no record
-  (in a sweep: the job's status file carries the error and the sweep goes on);
+- bad input found while planning or setting up (a config error, missing data, no network for the
+  weights) exits 2 with the problem and the fix, and no record; in a sweep the job's status file says
+  ``bad_input`` with the error, the sweep goes on and its summary names the fix (it exits 2);
 - a finished (``ok``) record of the same plan is skipped, and is never replaced by a worse one;
 - Ctrl-C and SIGTERM (what schedulers send before a kill) leave an ``interrupted`` record, and any
   error after set-up a ``failed`` one, keeping what was measured so far;
@@ -29,14 +30,21 @@ from typing import Any, ClassVar
 import torch
 from omegaconf import DictConfig
 
-from vpeft.env import environment, resolve_device
+from vpeft.env import claim_gpu, environment, resolve_device
 from vpeft.errors import RunFailed, VpeftError
+from vpeft.files import write_json_atomic
+from vpeft.results import read_record, write_record_guarded
 
 log = logging.getLogger("vpeft")
+STATUS_FILE = "vpeft_status.json"  # each sweep job's status, in its Hydra folder; vpeft.callbacks sums them up
 
 
 class InputError(VpeftError):
     """Bad input found before a job starts: exits 2 and leaves no record."""
+
+
+class _BadInputInSweep(Exception):
+    """Bad input found while a job of a sweep set up: no record; its status file says bad_input."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -82,14 +90,10 @@ class Job:
 
     def read(self, path: Path) -> dict[str, Any]:
         """The valid record at ``path`` (OSError / ValueError otherwise)."""
-        from vpeft.results import read_record
-
         return read_record(path)
 
     def write(self, path: Path, record: dict[str, Any]) -> bool:
         """Write ``record`` unless that would replace a finished one with a worse one; whether it wrote."""
-        from vpeft.results import write_record_guarded
-
         return write_record_guarded(path, record)[1]
 
     def after(self, ctx: Context, record: dict[str, Any], ok: bool) -> None:
@@ -181,12 +185,12 @@ def _run(job: Job, cfg: DictConfig) -> dict[str, Any] | None:
     try:
         plan = job.plan(cfg)
         device = _device(cfg, multirun)
-    except Exception as e:  # any error before the job starts is bad input: exit 2 (or, in a sweep, recorded)
+    except Exception as e:  # any error before the job starts is bad input: exit 2 (in a sweep: no record either)
         if not isinstance(e, VpeftError):
             e = InputError(f"configuration error: {type(e).__name__}: {e}")
-        record = _input_failure(job, e, multirun, plan, None, started)
-        _write_status(record, False, plan, error=str(e))
-        return record
+        _input_failure(e, multirun)
+        _write_status(None, False, plan, bad_input=str(e))
+        return None
     if job.skippable and cfg.get("skip_finished", True) and plan.record_path and plan.record_path.exists():
         try:
             previous = job.read(plan.record_path)
@@ -194,21 +198,22 @@ def _run(job: Job, cfg: DictConfig) -> dict[str, Any] | None:
             previous = None
         missing = job.lacks(previous, plan) if previous is not None else None
         if missing:
-            log.warning("%s is finished but %s: running it again", plan.record_path, missing)
-            print(f"rerun (finished, but {missing}): {plan.record_path}")
+            print(f"rerun (finished, but {missing}): {plan.record_path}", flush=True)
         elif previous is not None and previous.get("status", "ok") == "ok":
-            log.info("skip: %s is finished (%s)", plan.record_path, job.describe(previous))
-            print(f"skipped (finished): {plan.record_path}")
+            print(f"skipped (finished): {plan.record_path} ({job.describe(previous)})", flush=True)
             _write_status(previous, True, plan)
             return previous
-    record = None
+    record, bad_input = None, None
     try:
         record = _execute(job, plan, device, multirun, started)
+    except _BadInputInSweep as e:  # (a single run has exited 2)
+        bad_input = str(e)
+        return None
     except KeyboardInterrupt as e:  # the status file says interrupted, as the record does
         record = getattr(e, "record", None) or {"status": "interrupted", "error": str(e) or "interrupted"}
         raise
     finally:
-        _write_status(record, False, plan)
+        _write_status(record, False, plan, bad_input=bad_input)
     return record
 
 
@@ -237,9 +242,10 @@ def _execute(job: Job, plan: Plan, device: torch.device, multirun: bool, started
         log.error("%s", e)
         return stop("failed", str(e), lambda: sys.exit(1))
     except VpeftError as e:
-        if ctx.phase == "setup":
+        if ctx.phase == "setup":  # no network for the weights, missing data, a value the set-up refused
             job.after(ctx, record, ok=False)
-            return _input_failure(job, e, multirun, plan, env, started)
+            _input_failure(e, multirun)
+            raise _BadInputInSweep(str(e)) from e
         return stop("failed", f"{e} (during {ctx.phase})", _reraise)
     except Exception as e:
         error = f"{type(e).__name__}: {e} (during {ctx.phase})\n{traceback.format_exc(limit=-3)}"
@@ -274,20 +280,19 @@ def finish(job: Job, plan: Plan, record: dict[str, Any], status: str, error: str
     return record
 
 
-def _input_failure(job: Job, e: Exception, multirun: bool, plan: Plan | None, env: dict | None, started: str):
-    """Bad input: a single job exits 2 with no record; in a sweep it is recorded and the sweep goes on."""
-    message = str(e)
+def _input_failure(e: Exception, multirun: bool) -> None:
+    """Bad input leaves no record: a single job exits 2 here; a job of a sweep returns (its status file
+    says bad_input, the sweep goes on, and its summary names the fix)."""
     if multirun:
-        log.error("%s", message)
-        if plan is None or plan.record_path is None:  # no identity to record under: the status file says it
-            return None
-        record = job.base_record(plan, env or environment(), started)
-        return finish(job, plan, record, "failed", message)
-    print(f"error: {message}", file=sys.stderr)
+        log.error("bad input, no record: %s", e)
+        return
+    print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 
 
-def _write_status(record: dict[str, Any] | None, skipped: bool, plan: Plan | None, error: str | None = None) -> None:
+def _write_status(
+    record: dict[str, Any] | None, skipped: bool, plan: Plan | None, bad_input: str | None = None
+) -> None:
     """A small status file in the Hydra job folder, read by the sweep summary callback."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -296,21 +301,16 @@ def _write_status(record: dict[str, Any] | None, skipped: bool, plan: Plan | Non
     except (ImportError, ValueError):
         return
     status = {
-        "status": record.get("status", "ok") if record else "failed",
+        "status": "bad_input" if bad_input is not None else record.get("status", "ok") if record else "failed",
         "skipped": skipped,
-        "record": str(plan.record_path) if plan and plan.record_path else None,
-        "error": record.get("error") if record else error,
+        "record": str(plan.record_path) if plan and plan.record_path and bad_input is None else None,
+        "error": bad_input if bad_input is not None else record.get("error") if record else None,
         "overrides": plan.overrides if plan else hydra_overrides()[0],
     }
-    from vpeft.callbacks import STATUS_FILE
-    from vpeft.results import write_json_atomic
-
     write_json_atomic(folder / STATUS_FILE, status)
 
 
 def _device(cfg: DictConfig, multirun: bool) -> torch.device:
     if str(cfg.get("device", "auto")) == "auto" and multirun and torch.cuda.is_available():
-        from vpeft.env import claim_gpu
-
         return claim_gpu(int(cfg.get("jobs_per_gpu", 1)))
     return resolve_device(str(cfg.get("device", "auto")))

@@ -6,11 +6,12 @@ record path; the runner (vpeft.jobs.runner) gives it the shared guarantees of ev
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import math
 import os
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,48 +20,23 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 import vpeft
+from vpeft.backbones import backbone_from_config, create_backbone
+from vpeft.bench import BenchConfig, cost_summary
+from vpeft.config import check_keys
+from vpeft.data import check_task, load_task
 from vpeft.engine import TrainConfig, param_groups, train
 from vpeft.errors import ConfigError
 from vpeft.jobs.runner import Context, InputError, Job, Plan, hydra_overrides
+from vpeft.loggers import make_logger
 from vpeft.methods import METHODS
-from vpeft.results import SCHEMA_VERSION, config_hash, record_path
-from vpeft.vtab import PROTOCOL_SPLITS
+from vpeft.results.record import SCHEMA_VERSION, backbone_id, config_hash, dataset_id, hashed_config, record_path
+from vpeft.vtab import PROTOCOL_SPLITS, hparams_for
 
 log = logging.getLogger("vpeft")
-
-# Config keys that never change a run's result: left out of its hash, so reruns find it.
-NOT_HASHED = (
-    "paths", "logger", "bench", "save_delta", "skip_finished", "device", "hparams", "sweep", "jobs_per_gpu", "job",
-    "merge",
-)  # fmt: skip
-NOT_HASHED_TRAINER = ("progress", "data_on_device", "eval_batch_size")
-
-
-def dataset_id(ds: dict[str, Any]) -> str:
-    """The name records and leaderboards use: the task name, or a folder's own name."""
-    if ds.get("id"):
-        return str(ds["id"])
-    if ds["name"] in ("folder", "imagefolder"):
-        return Path(str(ds["root"])).resolve().name
-    return str(ds["name"])
-
-
-def backbone_id(bb: dict[str, Any]) -> str:
-    """timm name, marked when its weights are not timm's own (offline source, local checkpoint, none)."""
-    name = str(bb["name"])
-    if bb.get("offline"):
-        return f"{name}+{bb['offline']}"
-    if bb.get("checkpoint"):
-        return f"{name}+ckpt-{Path(str(bb['checkpoint'])).stem}"
-    if not bb.get("pretrained", True):
-        return f"{name}+random"
-    return name
 
 
 def apply_hparams(cfg: DictConfig) -> None:
     """With ``hparams=FILE``, set the values chosen for this (method, dataset) by the tune stage."""
-    from vpeft.sweep import hparams_for
-
     path = cfg.get("hparams")
     if not path:
         return
@@ -91,6 +67,41 @@ def _check_values(resolved: dict[str, Any]) -> None:
         raise ConfigError("optim.lr must be positive, got 0")
     if not isinstance(resolved["optim"].get("decay_1d", False), bool):
         raise ConfigError(f"optim.decay_1d must be true or false, got {resolved['optim']['decay_1d']!r}")
+
+
+def _fields(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _keyword_names(fn: Any, skip: tuple[str, ...] = (), any_ok: bool = True) -> list[str] | None:
+    """The named arguments ``fn`` takes; None when it also takes ``**kwargs`` and ``any_ok`` (then any key may be
+    right)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any_ok and any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _check_keys(resolved: dict[str, Any]) -> None:
+    """Keys a group does not read (``+trainer.epoch=3``) fail here, named with the closest valid key."""
+    check_keys("trainer", resolved["trainer"], _fields(TrainConfig))
+    check_keys("bench", resolved["bench"], [*_fields(BenchConfig), "only", "num_classes"])
+    # backbone_from_config passes create_backbone's named arguments, never its **timm_kwargs
+    check_keys("backbone", resolved["backbone"], _keyword_names(create_backbone, ("num_classes",), any_ok=False))
+    method = METHODS.get(str(resolved["method"].get("name")))
+    check_keys("method", resolved["method"], ["name", *_fields(method.Config)])
+    optim = resolved["optim"]
+    try:
+        from hydra.utils import get_class
+
+        accepted = _keyword_names(get_class(str(optim.get("_target_"))), ("self", "params"))
+    except Exception:  # an optimizer that does not import fails, named, where it is built
+        accepted = None
+    if accepted is not None:
+        check_keys("optim", optim, ["_target_", "_partial_", "decay_1d", *accepted])
 
 
 def seed_everything(seed: int) -> None:
@@ -131,6 +142,7 @@ def plan_run(cfg: DictConfig) -> Plan:
     except OmegaConfBaseException as e:
         raise InputError(f"configuration error: {e}") from None
     overrides, _ = hydra_overrides()
+    _check_keys(resolved)
     method_cfg = {k: v for k, v in resolved["method"].items() if k != "name"}
     method = METHODS.get(resolved["method"]["name"]).from_kwargs(**method_cfg)  # validates the fields
     trainer = _trainer_config(resolved["trainer"])
@@ -140,15 +152,13 @@ def plan_run(cfg: DictConfig) -> Plan:
     protocol = resolved["protocol"]
     if protocol not in PROTOCOL_SPLITS:
         raise ConfigError(f"protocol must be one of {', '.join(PROTOCOL_SPLITS)}, got {protocol!r}")
-    hashed = {k: v for k, v in resolved.items() if k not in NOT_HASHED}
-    hashed["trainer"] = {k: v for k, v in resolved["trainer"].items() if k not in NOT_HASHED_TRAINER}
     ident = {
         "method": method.name,
         "dataset": dataset_id(resolved["dataset"]),
         "backbone": backbone_id(resolved["backbone"]),
         "protocol": protocol,
         "seed": int(resolved["seed"]),
-        "config_hash": config_hash(hashed),
+        "config_hash": config_hash(hashed_config(resolved)),
     }
     return Plan(
         cfg=cfg,
@@ -177,7 +187,8 @@ class TrainJob(Job):
         return _base_record(plan, env, started)
 
     def describe(self, record: dict[str, Any]) -> str:
-        return f"top-1 {record['metrics']['top1']}"
+        top1 = record["metrics"].get("top1")
+        return f"top-1 {top1:.2f}%" if isinstance(top1, (int, float)) else "no top-1"
 
     def lacks(self, record: dict[str, Any], plan: Plan) -> str | None:
         """With save_delta, a finished run whose delta file is gone (or was never written) trains again."""
@@ -192,10 +203,6 @@ class TrainJob(Job):
 
     def execute(self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context) -> None:
         from hydra.utils import instantiate
-
-        from vpeft.backbones import backbone_from_config, create_backbone
-        from vpeft.data import check_task, load_task
-        from vpeft.loggers import make_logger
 
         r = plan.resolved
         seed = plan.identity["seed"]
@@ -289,8 +296,6 @@ class TrainJob(Job):
         }
         bench_cfg = {k: v for k, v in r["bench"].items() if k not in ("only", "num_classes")}
         if bench_cfg.get("latency", True) or bench_cfg.get("flops", True):
-            from vpeft.bench import BenchConfig, cost_summary
-
             bare = create_backbone(
                 bb_cfg["name"], task.num_classes, pretrained=False, img_size=bb_cfg.get("img_size")
             ).model  # the same architecture and head without any method: the reference of every ratio

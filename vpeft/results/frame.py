@@ -8,7 +8,8 @@ reads them does not depend on which records a folder holds. Derived columns (no 
 
 - ``kind`` ("run" | "bench") and ``path`` (the record's file, as found under the folder given);
 - ``dataset_label``: the dataset name, told apart when one folder name stands for several folders;
-- ``variant``: the method-config fields that differ between ranked runs of one dataset (``r=16``);
+- ``variant``: the method-config fields that differ between ranked runs of one dataset (``r=16``), then
+  the other settings that do (``optim.lr=0.005``): runs of different settings are never one cell's seeds;
 - ``img_size``: the input side in pixels; ``dtype``: the training precision (fp32 | bf16 | fp16);
 - ``settings``: the run's config minus the seed and the keys that never change a result (as hashed);
 - ``method_config_key``: the method config as canonical JSON, the key a bench record joins on.
@@ -27,6 +28,10 @@ from pathlib import Path, PurePath
 from typing import Any
 
 import pandas as pd
+
+from vpeft.results.bench_record import iter_bench_records
+from vpeft.results.record import hashed_config
+from vpeft.results.store import iter_records
 
 # A latency is noisy when p90 / median of the method's or the bare backbone's timings exceeds this.
 NOISE_SPREAD = 1.5
@@ -213,12 +218,8 @@ def _key(method_config: dict[str, Any]) -> str:
 
 
 def _settings(record: dict[str, Any]) -> str:
-    """The run's config minus the seed and the keys that never change a result (as the run harness hashes)."""
-    from vpeft.run import NOT_HASHED, NOT_HASHED_TRAINER
-
-    config = {k: v for k, v in record.get("config", {}).items() if k not in NOT_HASHED and k != "seed"}
-    if isinstance(config.get("trainer"), dict):
-        config["trainer"] = {k: v for k, v in config["trainer"].items() if k not in NOT_HASHED_TRAINER}
+    """The run's config minus the seed and the keys that never change a result (as its hash leaves them out)."""
+    config = {k: v for k, v in hashed_config(record.get("config", {})).items() if k != "seed"}
     return json.dumps(config, sort_keys=True, default=str)
 
 
@@ -278,13 +279,62 @@ def records_frame(records: Sequence[dict[str, Any]], paths: Sequence[str | Path]
         "settings": [_settings(r) for r in records],
         "method_config_key": [_key(r["method_config"]) for r in records],
     }
+    split, split_notes = settings_labels(labelled, ranked)
+    derived["variant"] = [", ".join(v for v in pair if v) for pair in zip(derived["variant"], split)]
     df = _flatten(records, derived, RUN_COLUMNS)
-    df.attrs["warnings"] = notes
+    df.attrs["warnings"] = notes + split_notes
     return df
 
 
+# dataset.root says where a named task was read from (machines differ); a folder's root is its dataset label
+_NOT_A_SETTING = ("method", "dataset.root")
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if name in _NOT_A_SETTING:
+            continue
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def settings_labels(records: Sequence[dict[str, Any]], among: Sequence[bool]) -> tuple[list[str], list[str]]:
+    """Each record's settings label and a note per (backbone, method) they split.
+
+    Seeds of one cell must share their settings, or their mean is of nothing in particular: the config keys
+    (dotted, outside the method's own fields, which ``variant_labels`` names) whose values differ between the
+    ``among`` records of one (backbone, method, dataset) label every record of that (backbone, method) with
+    its values, so each setting gets its own row, as a method-config field does.
+    """
+    leaves = [_leaves(json.loads(_settings(r))) for r in records]
+    cells: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r, flat, use in zip(records, leaves, among):
+        if use:
+            cells[(r["backbone"], r["method"], r["dataset"])].append(flat)
+    varying: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for (backbone, method, _), flats in cells.items():
+        for key in set().union(*flats):
+            if len({json.dumps(f.get(key), sort_keys=True, default=str) for f in flats}) > 1:
+                varying[(backbone, method)].add(key)
+    notes = [
+        f"{backbone} / {method}: seeds of one dataset were run with different {', '.join(sorted(keys))}; "
+        "each setting is its own row"
+        for (backbone, method), keys in sorted(varying.items())
+    ]
+    labels = []
+    for r, flat in zip(records, leaves):
+        keys = sorted(varying.get((r["backbone"], r["method"]), ()))
+        labels.append(", ".join(f"{k}={_value_text(flat.get(k))}" for k in keys))
+    return labels, notes
+
+
 def bench_frame(records: Sequence[dict[str, Any]], paths: Sequence[str | Path] | None = None) -> pd.DataFrame:
-    """Bench records (as ``vpeft.bench.validate_bench_record`` checks them) as a DataFrame, one row each."""
+    """Bench records (valid, as ``vpeft.results.bench_record`` checks them) as a DataFrame, one row each."""
     records = list(records)
     derived = {
         "kind": ["bench"] * len(records),
@@ -299,16 +349,12 @@ def bench_frame(records: Sequence[dict[str, Any]], paths: Sequence[str | Path] |
 def load_records(path: str | Path) -> pd.DataFrame:
     """Every valid run record under ``path`` (files it cannot read are skipped with a warning), one row each;
     ``.attrs["warnings"]`` names dataset names that stand for several folders (told apart in ``dataset_label``)."""
-    from vpeft.results.store import iter_records
-
     found = list(iter_records(path))
     return records_frame([r for _, r in found], [p for p, _ in found])
 
 
 def load_bench_records(path: str | Path) -> pd.DataFrame:
     """Every valid bench record under ``path``, one row each (``kind`` "bench")."""
-    from vpeft.bench.record import iter_bench_records
-
     found = list(iter_bench_records(path))
     return bench_frame([r for _, r in found], [p for p, _ in found])
 

@@ -3,8 +3,9 @@
 Definitions, as the rendered pages state them:
 
 - A row is one (backbone, method[, variant]); backbones never share a row. The variant names the
-  method-config fields that differ between runs on the same dataset (e.g. ``r=16``); fields that
-  only differ between datasets (VPT's per-task prompt lengths) do not split a row.
+  method-config fields, then the other settings, that differ between runs on the same dataset (e.g.
+  ``r=16``, ``optim.lr=0.005``): seeds of different settings are never averaged into one cell. Fields
+  that only differ between datasets (VPT's per-task prompt lengths, tuned per-task lrs) do not split a row.
 - Only ``protocol=final`` runs with ``status=ok`` rank. ``tune`` runs are ignored; failed and
   interrupted runs are listed apart and never averaged. A rerun of one seed replaces it (the latest wins).
 - A cell is the mean of top-1 (last epoch) over seeds, with the sample standard deviation
