@@ -119,7 +119,7 @@ def fashion_files(root: str | None) -> dict[str, Path]:
     names = ", ".join(f"{s}[.gz]" for s in FASHION_FILES.values())
     raise DataError(
         f"Fashion-MNIST files not found (looked in {where}; need {names}). "
-        f"Install them with `apt-get install {FASHION_PACKAGE}`, or pass root=DIR holding the four IDX files."
+        f"Install them with `apt-get install {FASHION_PACKAGE}`, or pass dataset.root=DIR holding the four IDX files."
     )
 
 
