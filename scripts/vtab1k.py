@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     def launch(extra: list[str]) -> int:
         cmd = [*base, *extra, *overrides]
         print("$", " ".join(cmd), flush=True)
-        return 0 if args.dry_run else subprocess.call(cmd, cwd=ROOT)
+        return 0 if args.dry_run else subprocess.call(cmd)  # in the caller's folder, where it reads the records
 
     for stage in args.stage:
         if stage == "tune":

@@ -18,16 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["backbone=vit_tiny_random", "trainer.epochs=1", "trainer.warmup_epochs=0", "bench.latency=false"]
 
 
-def multirun(tmp: Path, *args: str, script: str = "run.py", exit_code: int = 0) -> subprocess.CompletedProcess:
-    """``run.py -m`` (or a script that launches multiruns) with results, cache and sweep folders under tmp."""
+def multirun(
+    tmp: Path, *args: str, script: str = "run.py", exit_code: int = 0, from_tmp: bool = False
+) -> subprocess.CompletedProcess:
+    """``run.py -m`` (or a script that launches multiruns) with results, cache and sweep folders under tmp
+    (``from_tmp``: started in tmp, with the folders given relative to it, as a user in their own folder)."""
     cmd = [sys.executable, str(ROOT / script), *(["-m"] if script == "run.py" else []), *args]
+    where = Path() if from_tmp else tmp
     cmd += [
-        f"paths.results={tmp / 'runs'}",
-        f"paths.cache={tmp / 'cache'}",
-        f"hydra.sweep.dir={tmp / 'sweeps'}/${{now:%H-%M-%S-%f}}",  # a fresh folder per multirun
+        f"paths.results={where / 'runs'}",
+        f"paths.cache={where / 'cache'}",
+        f"hydra.sweep.dir={where / 'sweeps'}/${{now:%H-%M-%S-%f}}",  # a fresh folder per multirun
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    res = subprocess.run(cmd, cwd=tmp if from_tmp else ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == exit_code, res.stdout[-2000:] + res.stderr[-3000:]
     return res
 
@@ -94,7 +98,10 @@ def test_submitit_local_launcher(tmp_path):
 
 @pytest.mark.slow
 def test_tune_then_final_uses_the_best_val_hparams(tmp_path):
-    res = multirun(tmp_path, "linear", "--experiment", "smoke", "--tasks", "digits", script="scripts/vtab1k.py")
+    # started outside the checkout with relative folders: the runs it launches write where select reads
+    res = multirun(
+        tmp_path, "linear", "--experiment", "smoke", "--tasks", "digits", script="scripts/vtab1k.py", from_tmp=True
+    )
     records = [r for _, r in iter_records(tmp_path / "runs")]
     tune = [r for r in records if r["protocol"] == "tune"]
     final = [r for r in records if r["protocol"] == "final"]
