@@ -13,6 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from vpeft.config import check_keys
+from vpeft.errors import ConfigError
 from vpeft.jobs import InputError, Plan, entered, mark_entered, run_job
 from vpeft.jobs.bench import BenchJob
 from vpeft.jobs.merge import MergeJob
@@ -45,9 +47,6 @@ def unknown_key_hint(argv: list[str], config_dir: str) -> str | None:
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
-
-    from vpeft.config import check_keys
-    from vpeft.errors import ConfigError
 
     args = [a for a in argv if not a.startswith("-") and "=" in a]
     try:

@@ -27,7 +27,8 @@ from pandas.io.formats.style import Styler
 
 from vpeft.errors import DataError
 from vpeft.files import slug
-from vpeft.results.frame import NOISE_SPREAD, latency_frame
+from vpeft.results.composition import composition_frame, load_merge_records, negation_frame
+from vpeft.results.frame import NOISE_SPREAD, _value_text, latency_frame, load_bench_records, load_records
 from vpeft.results.leaderboard import (
     GROUP_NAMES,
     KEY,
@@ -269,8 +270,6 @@ def _dates(first: Any, last: Any) -> str:
 
 def _config_text(key: str) -> str:
     import json
-
-    from vpeft.results.frame import _value_text
 
     return ", ".join(f"{k}={_value_text(v)}" for k, v in sorted(json.loads(key).items())) or EMPTY
 
@@ -788,8 +787,6 @@ def write_leaderboard(
     merges_dir: str | Path | None = None,
 ) -> dict[str, Path]:
     """Read run records (and bench and merge records), write every output into ``out_dir``; return their paths."""
-    from vpeft.results.frame import load_bench_records, load_records
-
     records_dir, out_dir = Path(records_dir), Path(out_dir)
     if not records_dir.is_dir():
         raise DataError(
@@ -810,8 +807,6 @@ def write_leaderboard(
     methods = methods_table(bench) if bench is not None else None
     composition = comp = None
     if merges_dir is not None:
-        from vpeft.results.composition import composition_frame, load_merge_records, negation_frame
-
         merges = load_merge_records(merges_dir)
         comp = composition_frame(merges, runs)
         comp_plots = composition_plots(comp, out_dir)
