@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpeft.errors import VpeftError
+from vpeft.errors import DataError, VpeftError
 from vpeft.layers.delta import Delta
 from vpeft.methods import METHODS, Method
 from vpeft.methods._base import head_parameters
@@ -19,17 +19,22 @@ from vpeft.methods._delta_file import (
     DELTA_FORMAT,
     WEIGHTS_ATTR,
     MissingDeltaError,
+    NonFiniteDeltaError,
     backbone_name,
+    check_finite,
     mark_weights,
     read_delta,
+    weights_conflict,
+    weights_key,
     weights_source,
     write_delta,
 )
 
 __all__ = [  # the delta file's format and the model's marks live in vpeft.methods._delta_file
-    "DELTA_FORMAT", "WEIGHTS_ATTR", "MissingDeltaError", "ParamCount", "applied_method", "apply_method",
-    "backbone_name", "count_parameters", "delta_state_dict", "list_methods", "load_delta", "mark_weights", "merge",
-    "read_delta", "save_delta", "trainable_parameters", "weights_source",
+    "DELTA_FORMAT", "WEIGHTS_ATTR", "MissingDeltaError", "NonFiniteDeltaError", "ParamCount", "applied_method",
+    "apply_method", "backbone_name", "check_finite", "count_parameters", "delta_state_dict", "list_methods",
+    "load_delta", "mark_weights", "merge", "read_delta", "save_delta", "trainable_parameters", "weights_conflict",
+    "weights_key", "weights_source",
 ]  # fmt: skip
 
 
@@ -122,6 +127,11 @@ def save_delta(model: nn.Module, path: str | os.PathLike, extra: dict[str, Any] 
 def load_delta(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load a delta file onto ``model``, applying its method first if the model has none."""
     tensors, info = read_delta(path)
+    conflict = weights_conflict(info["weights"], weights_source(model))
+    if conflict:
+        raise DataError(
+            f"{path} was {conflict} (the model's): load it onto a backbone with the weights it was trained on"
+        )
     method = applied_method(model)
     if method is None:
         apply_method(model, info["method"], **info["config"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,7 +24,7 @@ from vpeft.compose.vectors import (
     task_vector,
 )
 from vpeft.core import applied_method, apply_method, backbone_name
-from vpeft.errors import VpeftError
+from vpeft.errors import ConfigError, VpeftError
 from vpeft.methods._base import head_parameters
 
 
@@ -126,7 +127,11 @@ class MergedTasks:
 
     def model_for(self, task: int) -> nn.Module:
         """The merged model with task ``task``'s head (the same module, its classifier swapped in place)."""
-        return put_head(self.model, self.heads[task])
+        if isinstance(task, bool) or not isinstance(task, numbers.Integral) or not 0 <= task < len(self.heads):
+            raise ConfigError(
+                f"task must be an index in 0..{len(self.heads) - 1} (the order of the deltas merged), got {task!r}"
+            )
+        return put_head(self.model, self.heads[int(task)])
 
 
 def merge_tasks(

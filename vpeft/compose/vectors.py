@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -22,9 +24,19 @@ import torch
 from torch import nn
 
 from vpeft.compose.errors import IncompatibleDeltasError, MissingHeadError
-from vpeft.core import _method, applied_method, apply_method, backbone_name, delta_state_dict, read_delta
+from vpeft.core import (
+    _method,
+    applied_method,
+    apply_method,
+    backbone_name,
+    check_finite,
+    delta_state_dict,
+    read_delta,
+    weights_conflict,
+    weights_source,
+)
 from vpeft.core import merge as merge_model
-from vpeft.errors import NotMergeableError, UnknownNameError, UnsupportedModelError, VpeftError
+from vpeft.errors import ConfigError, NotMergeableError, UnknownNameError, UnsupportedModelError, VpeftError
 from vpeft.layers import LoRA, attached, detach
 from vpeft.methods import METHODS, mergeable_methods
 from vpeft.methods._base import head_parameters
@@ -41,6 +53,7 @@ class TaskDelta:
     config: Mapping[str, Any]
     backbone: str | None = None  # as ``vpeft.core.backbone_name``: architecture, with the timm tag when known
     source: str = "<memory>"  # the file it came from, for messages and records
+    weights: str | None = None  # as ``vpeft.core.weights_source``: the weights it was trained on, when known
 
     @classmethod
     def from_model(cls, model: nn.Module, source: str = "<memory>") -> TaskDelta:
@@ -48,17 +61,28 @@ class TaskDelta:
         method = _method(model)
         tensors, config = method.export_delta(model, delta_state_dict(model))
         tensors = {k: v.detach().clone() for k, v in tensors.items()}
-        return cls(tensors, method.name, config, backbone_name(model), source)
+        return cls(tensors, method.name, config, backbone_name(model), source, weights_source(model))
 
 
 def read_task(path: str | os.PathLike) -> TaskDelta:
     """A delta file as a TaskDelta; a missing file raises ``vpeft.core.MissingDeltaError`` (a DataError)."""
     tensors, info = read_delta(path)
-    return TaskDelta(tensors, info["method"], info["config"], info["backbone"], os.fspath(path))
+    return TaskDelta(tensors, info["method"], info["config"], info["backbone"], os.fspath(path), info["weights"])
 
 
 def as_task(delta: TaskDelta | str | os.PathLike) -> TaskDelta:
-    return delta if isinstance(delta, TaskDelta) else read_task(delta)
+    """A file read (``read_delta`` checks it), or a delta in memory checked as a file is: no NaN, no inf."""
+    if not isinstance(delta, TaskDelta):
+        return read_task(delta)
+    check_finite(delta.tensors, delta.source)
+    return delta
+
+
+def check_scale(c: float) -> float:
+    """A scaling coefficient as a float: a finite real number (not a string, a bool or NaN)."""
+    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(c):
+        raise ConfigError(f"a task vector's scale must be a finite number, got {c!r}")
+    return float(c)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +168,7 @@ class TaskVector:
         return dict(self.materialize().tensors)
 
     def scale(self, c: float) -> TaskVector:
-        c = float(c)
+        c = check_scale(c)
         return dataclasses.replace(
             self,
             tensors={k: v * c for k, v in self.tensors.items()},
@@ -264,6 +288,12 @@ def check_backbone(delta: TaskDelta, backbone: nn.Module) -> None:
         raise IncompatibleDeltasError(
             f"{delta.source} was trained on {delta.backbone}, the backbone given is {ours}; task vectors are "
             "changes to the backbone the delta was trained on"
+        )
+    conflict = weights_conflict(delta.weights, weights_source(backbone))
+    if conflict:
+        raise IncompatibleDeltasError(
+            f"{delta.source} was {conflict} (the backbone given): task vectors are changes to the weights the delta "
+            "was trained on"
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,43 @@ def weights_source(model: nn.Module) -> str | None:
     return model.__dict__.get(WEIGHTS_ATTR)
 
 
+def weights_key(weights: str | None) -> str | None:
+    """What identifies a weight source across machines: timm's id, or the offline source's label.
+
+    Random init and local checkpoints (paths differ between machines) cannot be compared: None.
+    """
+    if not weights or weights == "random" or weights.startswith("checkpoint:"):
+        return None
+    return weights.split(" (", 1)[0]
+
+
+def weights_conflict(delta_weights: str | None, model_weights: str | None) -> str | None:
+    """The provenance rule of every loader: a delta trained on named weights fits only a model with the same
+    (or with weights that cannot be compared). None when they fit, else a sentence naming both."""
+    theirs, ours = weights_key(delta_weights), weights_key(model_weights)
+    if theirs and ours and theirs != ours:
+        return f"trained on weights {theirs}, not {ours}"
+    return None
+
+
+class NonFiniteDeltaError(DataError):
+    """A delta holding NaN or infinite values: applying it would silently poison every output."""
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a delta with a NaN or infinite value, naming ``source`` (its file) and the tensor.
+
+    Every reader of deltas (load_delta, composition, serving, the merge job) comes through here.
+    """
+    for name, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteDeltaError(
+                f"{source}: tensor {name} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or inf) of "
+                f"{t.numel()}: the run that saved it diverged or the file was altered; train it again"
+            )
+
+
 class MissingDeltaError(DataError, FileNotFoundError):
     """No delta file at the path: a DataError, and a FileNotFoundError for callers that catch that."""
 
@@ -87,7 +125,8 @@ def _first_line(e: BaseException) -> str:
 def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and the decoded metadata of a delta file.
 
-    A missing, empty, truncated or foreign file raises DataError naming the path and the problem.
+    A missing, empty, truncated or foreign file, or one holding a NaN or infinite value, raises DataError
+    naming the path and the problem.
     """
     path = Path(path)
     if not path.is_file():
@@ -129,4 +168,5 @@ def read_delta(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[s
                     info["config"].setdefault(key, value)
     except (KeyError, ValueError) as e:
         raise DataError(f"{path}: the delta's metadata is broken ({_first_line(e)})") from e
+    check_finite(tensors, str(path))
     return tensors, info

@@ -13,16 +13,26 @@ import collections
 import contextlib
 import dataclasses
 import math
+import numbers
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from vpeft.core import applied_method, backbone_name, delta_state_dict, read_delta, weights_source
+from vpeft.core import (
+    applied_method,
+    backbone_name,
+    check_finite,
+    delta_state_dict,
+    read_delta,
+    weights_conflict,
+    weights_source,
+)
 from vpeft.errors import ConfigError, NotMergeableError, UnsupportedModelError, VpeftError
 from vpeft.layers.delta import Delta
 from vpeft.methods import METHODS
@@ -107,16 +117,6 @@ class SwapEvent:
 
 def _arch(name: str | None) -> str | None:
     return name.split(".")[0] if name else None
-
-
-def _weights_key(weights: str | None) -> str | None:
-    """What identifies a weight source across machines: timm's id, or the offline source's label.
-
-    Random init and local checkpoints (paths differ between machines) cannot be compared: None.
-    """
-    if not weights or weights == "random" or weights.startswith("checkpoint:"):
-        return None
-    return weights.split(" (", 1)[0]
 
 
 class MultiDeltaModel(nn.Module):
@@ -320,6 +320,8 @@ class MultiDeltaModel(nn.Module):
             label = delta.source or repr(name)
             if name in self._index:
                 raise ConfigError(f"a task named {name!r} is resident already (id {self._index[name]}); pass name=")
+            if isinstance(source, TaskDelta):  # a file's tensors were checked as it was read
+                check_finite(delta.tensors, label)
             server, cfg = self._validate(delta, label)
             slot = self._free_slot()
             if self.server is None:
@@ -440,14 +442,13 @@ class MultiDeltaModel(nn.Module):
                 f"{label} was trained on {delta.backbone}, the resident deltas on {resident.backbone}: "
                 "deltas of different backbones cannot share one"
             )
-        theirs = _weights_key(delta.weights)
-        others = [(weights_source(self.backbone), "the resident backbone")]
+        others = [(weights_source(self.backbone), "the resident backbone's")]
         if resident is not None:
-            others.append((resident.weights, "the resident deltas"))
+            others.append((resident.weights, "the resident deltas'"))
         for other, what in others:
-            key = _weights_key(other)
-            if theirs and key and theirs != key:
-                raise IncompatibleDeltaError(f"{label} was trained on weights {theirs}, {what} on {key}")
+            conflict = weights_conflict(delta.weights, other)
+            if conflict:
+                raise IncompatibleDeltaError(f"{label} was {conflict} ({what})")
 
     def _write_head(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
         weight = tensors["head.weight"]
@@ -499,6 +500,9 @@ class MultiDeltaModel(nn.Module):
         """
         if not self._index:
             raise VpeftError("no task is resident: attach a delta file first (MultiDeltaModel.attach)")
+        if images.shape[0] == 0:  # nothing to run; the ids are still checked (there must be none)
+            self.task_slots(task_ids, 0)
+            return torch.empty((0, 0), device=images.device, dtype=self._dtype())
         route, order, unorder = self._route(task_ids, images.shape[0], images.device)
         if self._merged is not None and route.single != self._merged:
             raise VpeftError(
@@ -514,22 +518,37 @@ class MultiDeltaModel(nn.Module):
             self.router.route = None
         return logits if unorder is None else logits.index_select(0, unorder)
 
+    def _task_id(self, task: Any) -> int:
+        """One id or name as a task id: a name, an int (numpy's too) or an integral float; never truncated."""
+        if isinstance(task, str):
+            return self._slot(task)
+        if isinstance(task, torch.Tensor) and task.numel() == 1 and not (task.is_floating_point() or task.is_complex()):
+            task = task.item()
+        if isinstance(task, numbers.Integral) and not isinstance(task, (bool, np.bool_)):
+            return int(task)
+        if isinstance(task, float) and not isinstance(task, np.floating) and task.is_integer():
+            return int(task)
+        kind = f"a numpy {task.dtype}" if isinstance(task, np.generic) else type(task).__name__
+        raise ConfigError(f"task id {task!r} ({kind}) is not an integer id or a task name: pass ints or names")
+
     def task_slots(self, task_ids: Any, batch: int) -> torch.Tensor:
         """``task_ids`` as a CPU tensor of task ids, checked against the resident tasks and the batch size."""
-        if isinstance(task_ids, (str, int)) and not isinstance(task_ids, bool):
-            return torch.full((batch,), self._slot(task_ids), dtype=torch.long)
+        if isinstance(task_ids, np.ndarray) and task_ids.dtype.kind in "iu":
+            task_ids = torch.from_numpy(task_ids.astype(np.int64))
+        elif isinstance(task_ids, np.ndarray) and task_ids.dtype.kind not in "UO":
+            first = task_ids.reshape(-1)[0] if task_ids.size else None
+            raise ConfigError(
+                f"task id {first!r} (a numpy {task_ids.dtype} array) is not an integer id or a task name: pass ints "
+                "(an integer array) or names"
+            )
+        if isinstance(task_ids, (str, numbers.Number, np.generic)):
+            return torch.full((batch,), self._slot(self._task_id(task_ids)), dtype=torch.long)
         if isinstance(task_ids, torch.Tensor):
-            if task_ids.is_floating_point() or task_ids.dtype == torch.bool:
+            if task_ids.is_floating_point() or task_ids.is_complex() or task_ids.dtype == torch.bool:
                 raise ConfigError(f"task_ids must hold integer ids or names, got a {task_ids.dtype} tensor")
             ids = task_ids.reshape(-1).to("cpu", torch.long)
         else:
-            task_ids = list(task_ids)
-            if any(isinstance(t, str) for t in task_ids):
-                task_ids = [self._slot(t) if isinstance(t, str) else t for t in task_ids]
-            try:
-                ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
-            except (TypeError, ValueError, RuntimeError) as e:
-                raise ConfigError(f"task_ids must be integer ids or names, got {task_ids[:5]!r}...: {e}") from None
+            ids = torch.tensor([self._task_id(t) for t in task_ids], dtype=torch.long)
         if ids.numel() != batch:
             raise ConfigError(f"task_ids has {ids.numel()} entries for a batch of {batch} images: give one per image")
         bad = (ids < 0) | (ids >= len(self._names))
@@ -596,7 +615,7 @@ class MultiDeltaModel(nn.Module):
         """``[B, C]`` True where a column is one of the sample's task's classes (the logits' valid entries)."""
         ids = self.task_slots(task_ids, len(task_ids))
         ncls = torch.tensor([self.head.ncls[t] for t in ids.tolist()])
-        width = width or int(ncls.max())
+        width = width or (int(ncls.max()) if len(ncls) else 0)
         return torch.arange(width)[None, :] < ncls[:, None]
 
     def extra_repr(self) -> str:
