@@ -1,7 +1,10 @@
 """Render the leaderboard (Markdown, CSV, LaTeX, HTML, plots) from a folder of run records.
 
-    python scripts/leaderboard.py results/runs --out results/leaderboard \
-        [--bench results/bench] [--merges results/merges]
+    python scripts/leaderboard.py outputs/runs [--out outputs/leaderboard] \
+        [--bench outputs/bench] [--merges outputs/merges]
+
+The output folder is outputs/leaderboard unless --out names another: the committed leaderboard
+(results/leaderboard) is rebuilt only when named, as runs write to results/ only when told to.
 
 The outputs are a pure function of the records and the folders named: the same records give
 byte-identical files. With --bench, bench records supply latency where the runs have none and the
@@ -20,11 +23,13 @@ from pathlib import Path
 from vpeft.errors import VpeftError
 from vpeft.results.render import write_leaderboard
 
+DEFAULT_OUT = Path("outputs/leaderboard")  # user output; results/leaderboard holds the committed one
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("records", type=Path, help="folder of run records (JSON), e.g. results/runs")
-    parser.add_argument("--out", type=Path, default=Path("results/leaderboard"), help="output folder")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--bench", type=Path, default=None, help="folder of bench records for the methods table")
     parser.add_argument("--merges", type=Path, default=None, help="folder of merge records for the composition section")
     args = parser.parse_args(argv)
@@ -35,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for name in sorted(written):
         print(written[name])
+    print(f"wrote {len(written)} files to {args.out.resolve()}")
     return 0
 
 

@@ -400,8 +400,9 @@ def methods_table(bench: pd.DataFrame | Iterable[dict[str, Any]]) -> pd.DataFram
     """One row per bench record, relative costs against linear probing on the same device, backbone and
     input size; memory ratios only where both peaks are per method (GPU allocator, or an isolated CPU process)."""
     b = _as_frame(bench, bench_frame)
-    if b.empty:
-        return b.assign(device_label=pd.Series(dtype="string"))
+    if b.empty:  # an empty bench folder: the columns of a filled one, no rows
+        empty = {c: pd.Series(dtype=float) for c in ("params_pct", "delta_mib", "train_rel", "mem_rel")}
+        return b.assign(device_label=pd.Series(dtype="string"), label=pd.Series(dtype="string"), **empty)
     b = b.copy()
     b["device_label"] = b["env.device_name"] + " (" + b["env.device"] + ")"
     b["params_pct"] = 100.0 * b["params.trainable_excl_head"].astype(float) / b["params.backbone_total"].astype(float)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +97,13 @@ def validate(record: dict[str, Any]) -> dict[str, Any]:
         for group, key in OK_REQUIRES:
             if record[group][key] is None:
                 raise RecordError(f"record: status ok without {group}.{key}")
+        if not math.isfinite(record["metrics"]["train_loss"]):
+            raise RecordError(f"record.metrics.train_loss: {record['metrics']['train_loss']!r} in a run recorded ok")
     elif not record["error"]:
         raise RecordError(f"record: status {record['status']} needs an error message")
+    top1 = record["metrics"]["top1"]
+    if top1 is not None and not (math.isfinite(top1) and 0 <= top1 <= 100):  # averaging it would skew every mean
+        raise RecordError(f"record.metrics.top1: {top1!r} is not a top-1 accuracy (a percentage in [0, 100])")
     return record
 
 

@@ -81,7 +81,7 @@ class Table:
 
 
 def _na(v: Any) -> bool:
-    return v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v))
+    return v is None or v is pd.NA or v is pd.NaT or (isinstance(v, float) and math.isnan(v))
 
 
 def _text(value: Any) -> str:
@@ -626,7 +626,7 @@ def leaderboard_csv(lb: Leaderboard) -> str:
     order = [t for t in TASKS if t in lb.cells["dataset"].values] + lb.other_datasets_all()
     stats.columns = [f"{d}_{k}" for k, d in stats.columns]
     stats = stats[[f"{d}_{k}" for d in order for k in ("mean", "std", "n")]]
-    rows = lb.rows.set_index(KEY)
+    rows = lb.rows.reindex(columns=[*KEY, *CSV_COLUMNS, "records_rel"]).set_index(KEY)  # none ranked: no rows
     out = stats.join(rows[CSV_COLUMNS].assign(records=[";".join(p for _, p in r) for r in rows["records_rel"]]))
     return out.reset_index().to_csv(index=False, float_format="%.4f", lineterminator="\n")
 
@@ -691,6 +691,12 @@ class Page:
     definitions: list[str] = dataclasses.field(default_factory=definitions)
 
 
+NOTHING_RANKED = (
+    "Nothing is ranked yet: no record is a finished protocol=final run (tune runs choose hyperparameters, "
+    "final runs are ranked)."
+)
+
+
 def _provenance_lines(lb: Leaderboard, runs: pd.DataFrame, bench: pd.DataFrame | None) -> list[str]:
     """The page's header: what it was made from (records, commits, dates, devices, versions)."""
     ranked = int(lb.cells["n"].sum()) if not lb.cells.empty else 0
@@ -748,7 +754,7 @@ def build_page(
                             reference=True))  # fmt: skip
     runs = runs if runs is not None else pd.DataFrame(columns=["env.git_sha"])
     first, *provenance = _provenance_lines(lb, runs, methods)
-    return Page([first], sections, list(lb.warnings), provenance)
+    return Page([first, *([NOTHING_RANKED] if lb.rows.empty else [])], sections, list(lb.warnings), provenance)
 
 
 def relative_to(lb: Leaderboard, out_dir: Path | None) -> Leaderboard:
