@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_vit, tiny_input
-from data_helpers import write_noah
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_merge_job import SPLITS, TINY
+from test_merge_job import TINY, trained_pool
 from test_methods import perturb_delta
-from test_run import ROOT, odd_images, run_inproc
+from test_run import ROOT
 
 import vpeft
 from vpeft import compose
@@ -102,16 +101,7 @@ def test_non_finite_deltas_in_memory_are_refused(tmp_path):
 def pool(tmp_path_factory):
     """Two task folders, each with its tune and final LoRA runs (the merge job's pool)."""
     tmp = tmp_path_factory.mktemp("pool")
-    tasks = []
-    for k, name in enumerate(("beta", "alpha")):
-        root = write_noah(tmp / "tasks" / name, {s: odd_images(12, seed=k * 10 + i) for i, s in enumerate(SPLITS)})
-        tasks.append(f"folder:{root}")
-        for protocol in ("tune", "final"):
-            assert (
-                run_inproc(tmp, *TINY, "dataset=folder", f"dataset.root={root}", f"protocol={protocol}")["status"]
-                == "ok"
-            )
-    return tmp, tasks
+    return tmp, trained_pool(tmp)
 
 
 def test_the_merge_job_refuses_a_nan_tampered_pool(pool, tmp_path):

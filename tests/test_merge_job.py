@@ -24,6 +24,11 @@ def pool(tmp_path_factory):
     """Two small real-image task folders, each task's tune and final LoRA runs done (a pool not in
     alphabetical order: a pool is a set of tasks wherever it is shown)."""
     tmp = tmp_path_factory.mktemp("merge")
+    return tmp, trained_pool(tmp)
+
+
+def trained_pool(tmp) -> list[str]:
+    """Task folders beta and alpha under ``tmp``, each with its tune and final LoRA runs; the pool's tasks."""
     tasks = []
     for k, name in enumerate(("beta", "alpha")):
         root = write_noah(tmp / "tasks" / name, {s: odd_images(12, seed=k * 10 + i) for i, s in enumerate(SPLITS)})
@@ -31,7 +36,7 @@ def pool(tmp_path_factory):
         for protocol in ("tune", "final"):
             record = run_inproc(tmp, *TINY, "dataset=folder", f"dataset.root={root}", f"protocol={protocol}")
             assert record["status"] == "ok"
-    return tmp, tasks
+    return tasks
 
 
 def merge(tmp, tasks, *overrides):
