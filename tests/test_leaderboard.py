@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from vpeft.results.leaderboard import (
     methods_table,
     pareto_front,
     ppt_score,
+    search_edge,
     vtab_means,
 )
 from vpeft.results.plots import plot_tradeoff
@@ -919,3 +921,59 @@ def test_task_folders_with_one_name_in_the_files(tmp_path):
     md = written["leaderboard.md"].read_text()
     assert "70.0 (1)" in md and "30.0 (1)" in md and "cifar10 (a)" in md and "cifar10 (b)" in md
     assert "vit-test_cifar10-a_params.png" in written and "vit-test_cifar10-b_params.png" in written
+
+
+# -- under-tuned cells: the chosen value at the edge of a truncated search ----------------------------
+
+
+def test_search_edge_only_where_the_recipes_grid_goes_past_the_chosen_edge():
+    grid = [5e-4, 1e-3, 5e-3, 1e-2]
+    assert search_edge(5e-3, [1e-3, 5e-3], grid) == "0.005 is the largest tried (2 of the recipe's 4; untried: 0.01 above)"
+    assert search_edge(1e-3, [1e-3, 5e-3], grid) == "0.001 is the smallest tried (2 of the recipe's 4; untried: 0.0005 below)"
+    assert search_edge(5e-3, [1e-3, 5e-3], [1e-3, 5e-3]) is None  # the whole grid was searched
+    assert search_edge(1e-2, [1e-3, 5e-3, 1e-2], grid) is None  # the grid's own edge: nothing past it
+    assert search_edge(5e-3, [1e-3, 5e-3, 1e-2], grid) is None  # an inner point
+    assert search_edge(1e-3, [1e-3], [1e-4, 1e-3, 1e-2]) == (
+        "0.001 is the only value tried (1 of the recipe's 3; untried: 0.0001 below and 0.01 above)"
+    )
+    assert search_edge("sgd", ["sgd"], ["sgd", "adamw"]) is None  # not numbers: no order, no edge
+
+
+def _tuned(lr_tried, lr_chosen, grid, dataset="dtd", method="lora"):
+    recs = []
+    for lr in lr_tried:
+        r = make_record(method=method, dataset=dataset, protocol="tune", lr=lr)
+        r["config"]["sweep"] = {"grid": {"optim.lr": grid}}
+        recs.append(r)
+    final = make_record(method=method, dataset=dataset, lr=lr_chosen, top1=70.0)
+    final["config"]["sweep"] = {"grid": {"optim.lr": grid}}
+    return [*recs, validate(final)]
+
+
+def test_under_tuned_cells_are_marked_on_the_page_with_the_reason(tmp_path):
+    grid = [1e-4, 1e-3, 1e-2]
+    records = _tuned([1e-4, 1e-3], 1e-3, grid) + _tuned(grid, 1e-3, grid, method="bitfit")
+    lb = run(records)
+    why = dict(zip(lb.cells["method"], lb.cells["under_tuned"]))
+    assert why["lora"] == "optim.lr=0.001 is the largest tried (2 of the recipe's 3; untried: 0.01 above)"
+    assert why["bitfit"] == ""  # the recipe's whole grid was searched
+    md = page_markdown(build_page(lb, []))
+    tasks = md_cells(md, "VTAB-1k per task", "lora")
+    assert tasks["dtd"].endswith("‡") and not md_cells(md, "VTAB-1k per task", "bitfit")["dtd"].endswith("‡")
+    assert "1 of 2 rows:" in md and "lora (dtd): optim.lr=0.001 is the largest tried" in md
+    csv = pd.read_csv(io.StringIO(leaderboard_csv(lb)), dtype=str, keep_default_na=False)
+    assert dict(zip(csv["method"], csv["dtd_under_tuned"])) == {"bitfit": "", "lora": why["lora"]}
+
+
+def test_a_final_run_without_tune_records_is_not_marked():
+    grid = [1e-4, 1e-3, 1e-2]
+    (final,) = _tuned([], 1e-3, grid)
+    assert run([final]).cells["under_tuned"].tolist() == [""]
+
+
+def test_the_committed_vpt_rows_say_why_they_are_low():
+    """The committed page must not let a reader take VPT's CPU-sized search for VPT's result."""
+    md = (Path(__file__).parents[1] / "results" / "leaderboard" / "leaderboard.md").read_text()
+    line = next(li for li in md.splitlines() if li.startswith("- vpt_shallow (digits"))
+    assert "method.num_tokens=10 is the only value tried" in line and "optim.lr=0.125 is the largest tried" in line
+    assert md_cells(md, "Other datasets", "vpt_shallow")["digits"].endswith("‡")

@@ -22,6 +22,9 @@ Definitions, as the rendered pages state them:
   come from the runs themselves.
 - Noise: a latency ratio is noisy when p90/median of the method's or the bare backbone's timings exceeds
   ``NOISE_SPREAD`` (1.5); it is within the noise when |ratio - 1| <= spread - 1 (see ``latency_frame``).
+- Under-tuned (‡): a cell whose chosen value of a grid key sits at the edge of what its tune stage tried, where
+  the recipe's own grid (``sweep.grid`` in the records' config) has values beyond that edge that were not
+  tried: a wider search could move it, so the number is the search's, not the method's (see ``search_edges``).
 - The Pareto front (maximise accuracy, minimise cost): the points no other point beats on one axis
   without losing on the other; equal points are all on the front.
 """
@@ -146,6 +149,69 @@ class Leaderboard:
         return self.rows.merge(keys, on=KEY).sort_values("label")
 
 
+def _number(v: Any) -> float | None:
+    ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+    return float(v) if ok and np.isfinite(v) else None
+
+
+def search_edge(chosen: Any, tried: Iterable[Any], grid: Iterable[Any]) -> str | None:
+    """Why ``chosen`` may be under-tuned: it is the largest (smallest) value ``tried`` while ``grid`` (the recipe's)
+    has larger (smaller) values that were not tried. None when the search reached past it, or values are not numbers.
+    """
+    c, t, g = _number(chosen), [_number(v) for v in tried], [_number(v) for v in grid]
+    if c is None or None in t or None in g or c not in t:
+        return None
+    untried = sorted({v for v in g if v not in t})
+    above = [v for v in untried if v > c] if c == max(t) else []
+    below = [v for v in untried if v < c] if c == min(t) else []
+    if not above and not below:
+        return None
+    beyond = " and ".join(
+        f"{', '.join(_g(v) for v in vs)} {side}" for vs, side in ((below, "below"), (above, "above")) if vs
+    )
+    how = "the only value tried" if len(set(t)) == 1 else "the " + ("largest" if above else "smallest") + " tried"
+    return f"{_g(chosen)} is {how} ({len(set(t))} of the recipe's {len(set(g))}; untried: {beyond})"
+
+
+def search_edges(ok_runs: pd.DataFrame, ranked: pd.DataFrame) -> pd.DataFrame:
+    """Per (backbone, method, variant, dataset) of the ranked final runs: ``under_tuned``, the grid keys whose chosen
+    value sits at the edge of a truncated search (``search_edge``), '' where none does or no tune runs are there.
+
+    The tune runs of a cell are the ``ok`` ones with its backbone, method, dataset and recipe; the recipe's grid is
+    the final records' ``config.sweep.grid``; the chosen values are the final runs' own config values."""
+    out = ranked[KEY + ["dataset"]].drop_duplicates().assign(under_tuned="")
+    grid_cols = [c for c in ranked.columns if c.startswith("config.sweep.grid.")]
+    tune = ok_runs[ok_runs["protocol"] == "tune"]
+    if not grid_cols or tune.empty:
+        return out
+    recipe = "config.recipe" if "config.recipe" in ranked.columns else None
+    reasons = []
+    for _, cell in out.iterrows():
+        finals = ranked[
+            (ranked["backbone"] == cell["backbone"]) & (ranked["method"] == cell["method"])
+            & (ranked["variant"] == cell["variant"]) & (ranked["dataset"] == cell["dataset"])
+        ]  # fmt: skip
+        first = finals.iloc[0]
+        mine = tune[
+            (tune["backbone"] == cell["backbone"]) & (tune["method"] == cell["method"])
+            & (tune["dataset_label"] == cell["dataset"])
+        ]  # fmt: skip
+        if recipe is not None:
+            mine = mine[mine[recipe].astype(object).eq(first[recipe]) | (mine[recipe].isna() & pd.isna(first[recipe]))]
+        why = []
+        for col in grid_cols:
+            key = col.removeprefix("config.sweep.grid.")
+            grid, value_col = first[col], f"config.{key}"
+            if not isinstance(grid, list) or value_col not in mine.columns or mine.empty:
+                continue
+            for chosen in sorted({v for v in finals[value_col] if _number(v) is not None}):
+                edge = search_edge(chosen, mine[value_col].dropna(), grid)
+                if edge:
+                    why.append(f"{key}={edge}")
+        reasons.append("; ".join(why))
+    return out.assign(under_tuned=reasons)
+
+
 def _as_frame(records: Any, make) -> pd.DataFrame:
     if isinstance(records, pd.DataFrame):
         return records
@@ -216,6 +282,8 @@ def build_leaderboard(
         .reset_index()
     )
     cells["mixed"] = cells.pop("settings") > 1
+    cells = cells.merge(search_edges(runs[ok], ranked), on=KEY + ["dataset"], how="left")
+    cells["under_tuned"] = cells["under_tuned"].fillna("")
     for _, c in cells[cells["mixed"]].iterrows():
         label = c["method"] + (f" ({c['variant']})" if c["variant"] else "")
         notes.append(

@@ -123,7 +123,28 @@ def _cell(c: pd.Series | None) -> tuple[str, str]:
     mean = fmt(c["mean"], ".1f")
     text = f"{mean} ± {fmt(c['std'], '.1f')} ({c['n']})" if c["n"] > 1 else f"{mean} ({c['n']})"
     tip = "seeds: " + ", ".join(fmt(v, ".2f") for v in c["values"])
-    return (text + " *", tip + " (settings differ between seeds)") if c["mixed"] else (text, tip)
+    if c["mixed"]:
+        text, tip = text + " *", tip + " (settings differ between seeds)"
+    if c.get("under_tuned"):
+        text, tip = text + " ‡", tip + "; under-tuned: " + c["under_tuned"]
+    return text, tip
+
+
+UNDER_TUNED = ("‡ under-tuned: the chosen value of a grid key is the edge of what the tune stage tried, and the "
+               "recipe's grid goes past it untried; a wider search may move the number.")  # fmt: skip
+
+
+def under_tuned_notes(lb: Leaderboard, rows: pd.DataFrame, datasets: Sequence[str]) -> list[str]:
+    """Why each ‡ cell of a table is under-tuned: one line per row and reason, naming its datasets."""
+    c = lb.cells.merge(rows[KEY], on=KEY)
+    c = c[c["dataset"].isin(datasets) & (c["under_tuned"] != "")]
+    if c.empty:
+        return []
+    lines = [f"{UNDER_TUNED} {c[KEY].drop_duplicates().shape[0]} of {len(rows)} rows:"]
+    label = c["method"] + c["variant"].map(lambda v: f" ({v})" if v else "")
+    for (who, why), d in c.assign(label=label).groupby(["label", "under_tuned"], sort=True)["dataset"]:
+        lines.append(f"{who} ({', '.join(sorted(d))}): {why}.")
+    return lines
 
 
 def _agg(value: Any, present: int, total: int, missing: Sequence[str] = ()) -> tuple[str, str]:
@@ -248,7 +269,8 @@ def vtab_tasks_table(lb: Leaderboard, backbone: str) -> Table:
         {"method": r["label"], **{SHORT.get(t, t): _cell(lb.cell(r, t)) for t in tasks}} for _, r in rows.iterrows()
     ]
     title = f"VTAB-1k per task, top-1 (%) mean ± std (n seeds): {backbone}"
-    return _table(f"vtab-tasks-{slug(backbone)}", title, cells, coverage_notes(rows))
+    notes = coverage_notes(rows) + under_tuned_notes(lb, rows, tasks)
+    return _table(f"vtab-tasks-{slug(backbone)}", title, cells, notes)
 
 
 def other_table(lb: Leaderboard, backbone: str) -> Table:
@@ -258,7 +280,7 @@ def other_table(lb: Leaderboard, backbone: str) -> Table:
         {"method": r["label"], **{d: _cell(lb.cell(r, d)) for d in datasets}, **_costs(r)} for _, r in rows.iterrows()
     ]
     title = f"Other datasets, top-1 (%) mean ± std (n seeds): {backbone}"
-    return _table(f"other-{slug(backbone)}", title, cells, _measure_note(rows))
+    return _table(f"other-{slug(backbone)}", title, cells, _measure_note(rows) + under_tuned_notes(lb, rows, datasets))
 
 
 def _dates(first: Any, last: Any) -> str:
@@ -619,13 +641,13 @@ CSV_COLUMNS = [
 
 
 def leaderboard_csv(lb: Leaderboard) -> str:
-    """One row per (backbone, method[, variant]): each dataset's mean/std/n, then ``CSV_COLUMNS`` of the rows frame
+    """One row per (backbone, method[, variant]): each dataset's mean/std/n and why it is under-tuned, then ``CSV_COLUMNS`` of the rows frame
     (VTAB means, parameters in millions, the latency with its spread, flags and source, training costs, PPT, the
     recipe and provenance) and the records' paths (relative to the output folder, ';'-separated)."""
-    stats = lb.cells.pivot(index=KEY, columns="dataset", values=["mean", "std", "n"])
+    stats = lb.cells.pivot(index=KEY, columns="dataset", values=["mean", "std", "n", "under_tuned"])
     order = [t for t in TASKS if t in lb.cells["dataset"].values] + lb.other_datasets_all()
     stats.columns = [f"{d}_{k}" for k, d in stats.columns]
-    stats = stats[[f"{d}_{k}" for d in order for k in ("mean", "std", "n")]]
+    stats = stats[[f"{d}_{k}" for d in order for k in ("mean", "std", "n", "under_tuned")]]
     rows = lb.rows.reindex(columns=[*KEY, *CSV_COLUMNS, "records_rel"]).set_index(KEY)  # none ranked: no rows
     out = stats.join(rows[CSV_COLUMNS].assign(records=[";".join(p for _, p in r) for r in rows["records_rel"]]))
     return out.reset_index().to_csv(index=False, float_format="%.4f", lineterminator="\n")
