@@ -928,8 +928,9 @@ def test_task_folders_with_one_name_in_the_files(tmp_path):
 
 def test_search_edge_only_where_the_recipes_grid_goes_past_the_chosen_edge():
     grid = [5e-4, 1e-3, 5e-3, 1e-2]
-    assert search_edge(5e-3, [1e-3, 5e-3], grid) == "0.005 is the largest tried (2 of the recipe's 4; untried: 0.01 above)"
-    assert search_edge(1e-3, [1e-3, 5e-3], grid) == "0.001 is the smallest tried (2 of the recipe's 4; untried: 0.0005 below)"
+    top, bottom = search_edge(5e-3, [1e-3, 5e-3], grid), search_edge(1e-3, [1e-3, 5e-3], grid)
+    assert top == "0.005 is the largest tried (2 of the recipe's 4; untried: 0.01 above)"
+    assert bottom == "0.001 is the smallest tried (2 of the recipe's 4; untried: 0.0005 below)"
     assert search_edge(5e-3, [1e-3, 5e-3], [1e-3, 5e-3]) is None  # the whole grid was searched
     assert search_edge(1e-2, [1e-3, 5e-3, 1e-2], grid) is None  # the grid's own edge: nothing past it
     assert search_edge(5e-3, [1e-3, 5e-3, 1e-2], grid) is None  # an inner point

@@ -641,9 +641,10 @@ CSV_COLUMNS = [
 
 
 def leaderboard_csv(lb: Leaderboard) -> str:
-    """One row per (backbone, method[, variant]): each dataset's mean/std/n and why it is under-tuned, then ``CSV_COLUMNS`` of the rows frame
-    (VTAB means, parameters in millions, the latency with its spread, flags and source, training costs, PPT, the
-    recipe and provenance) and the records' paths (relative to the output folder, ';'-separated)."""
+    """One row per (backbone, method[, variant]): each dataset's mean/std/n and why it is under-tuned, then
+    ``CSV_COLUMNS`` of the rows frame (VTAB means, parameters in millions, the latency with its spread, flags and
+    source, training costs, PPT, the recipe and provenance) and the records' paths (relative to the output folder,
+    ';'-separated)."""
     stats = lb.cells.pivot(index=KEY, columns="dataset", values=["mean", "std", "n", "under_tuned"])
     order = [t for t in TASKS if t in lb.cells["dataset"].values] + lb.other_datasets_all()
     stats.columns = [f"{d}_{k}" for k, d in stats.columns]
