@@ -122,18 +122,21 @@ def test_real_cifar10_final_has_the_full_test_split():
 # ---- VTAB names read task folders -------------------------------------------------------------
 
 
+VTAB_SIZES = {"train800": 800, "val200": 200, "train800val200": 1000}  # what a VTAB-1k task folder holds
+
+
 def test_vtab_name_reads_its_folder_under_vtab_root(tmp_path):
-    small_task(tmp_path / "vtab" / "dtd")
+    small_task(tmp_path / "vtab" / "dtd", n={**VTAB_SIZES, "test": 9}, num_classes=47)  # dtd: 47 classes
     task = load_task("dtd", "tune", (6, 6), vtab_root=tmp_path / "vtab", download=False)
     assert task.source == f"folder:{(tmp_path / 'vtab' / 'dtd').resolve()}"
-    assert task.classes == ["class0", "class1", "class2"] and task.num_classes == 3
-    assert index_of(task.train.images).tolist() == list(range(12))
-    assert index_of(task.eval.images).tolist() == list(range(1000, 1006))
-    assert task.train.labels.tolist() == [k % 3 for k in range(12)]
+    assert task.classes == [f"class{c}" for c in range(47)] and task.num_classes == 47
+    assert index_of(task.train.images).tolist() == list(range(800))
+    assert index_of(task.eval.images).tolist() == list(range(1000, 1200))
+    assert task.train.labels.tolist() == [k % 47 for k in range(800)]
     # root= wins over vtab_root
-    small_task(tmp_path / "elsewhere", n={"train800": 2, "val200": 1, "train800val200": 3, "test": 4})
+    small_task(tmp_path / "elsewhere", n={**VTAB_SIZES, "test": 4}, num_classes=47)
     final = load_task("dtd", "final", (6, 6), root=tmp_path / "elsewhere", vtab_root=tmp_path / "vtab")
-    assert len(final.train) == 3 and len(final.eval) == 4
+    assert len(final.train) == 1000 and len(final.eval) == 4
 
 
 def test_vtab_task_torchvision_cannot_build_shows_the_layout(tmp_path):

@@ -219,7 +219,8 @@ def test_an_explicit_missing_root_is_an_error_not_a_regeneration(tmp_path):
 
 
 def test_a_task_folder_is_read_as_it_is(tmp_path):
-    folder = small_task(tmp_path / "vtab" / "dsprites_ori", num_classes=3)
+    sizes = {"train800": 800, "val200": 200, "train800val200": 1000, "test": 9}  # a VTAB-1k folder's splits
+    folder = small_task(tmp_path / "vtab" / "dsprites_ori", n=sizes, num_classes=16)
     task = load_task("dsprites_ori", "final", (8, 8), vtab_root=tmp_path / "vtab", test_size=100)
     assert task.source.startswith("folder") or str(folder) in task.source
     assert "regenerated" not in task.source and len(task.eval) == 9  # the folder's own test list

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vpeft.data.decode import floats_to_uint8
 from vpeft.errors import ConfigError
 from vpeft.registry import Registry
 
@@ -54,6 +55,7 @@ class TaskData:
     source: str  # where the data came from, recorded with every run
     decode_seconds: float  # time spent decoding in this call (0 on a full cache hit)
     cache_hit: bool
+    digest: str = ""  # what the two splits' content depends on (``data_digest``), recorded with every run
 
 
 @dataclass
@@ -113,15 +115,20 @@ class Resolved:
     # what one split's pixels depend on beyond ``identity``, e.g. its image files' sizes and mtimes;
     # asked before every cache lookup, so it must stay cheap (stat calls, no image bytes read)
     split_identity: Callable[[str], str] | None = None
+    # the protocol's data as a record keeps it, cheap too, and unchanged by a copy of the data elsewhere
+    # (paths relative to the folder, no inode or ctime); None: ``identity`` and each ``split_identity``
+    digest: Callable[[], str] | None = None
 
 
 def array_items(name: str, images: np.ndarray, labels: np.ndarray, where: str) -> SplitItems:
-    """Items over in-memory uint8 arrays (``[N, H, W]`` grayscale or ``[N, H, W, 3]`` RGB)."""
-    if images.dtype != np.uint8 or images.ndim not in (3, 4):
-        raise ValueError(f"array_items needs uint8 [N,H,W] or [N,H,W,3], got {images.dtype} {images.shape}")
+    """Items over in-memory arrays (``[N, H, W]`` grayscale or ``[N, H, W, 3]`` RGB): uint8, or floats in [0, 1]."""
+    floats = np.issubdtype(images.dtype, np.floating)
+    if not (images.dtype == np.uint8 or floats) or images.ndim not in (3, 4):
+        raise ValueError(f"array_items needs uint8 or float [N,H,W] or [N,H,W,3], got {images.dtype} {images.shape}")
 
     def load(i: int) -> tuple[Image.Image, int]:
-        return Image.fromarray(images[i]), int(labels[i])  # 2-D uint8 -> L, [H,W,3] -> RGB
+        pixels = floats_to_uint8(images[i]) if floats else images[i]
+        return Image.fromarray(pixels), int(labels[i])  # 2-D uint8 -> L, [H,W,3] -> RGB
 
     return SplitItems(name, len(labels), load, lambda i: f"{where}[{i}]")
 

@@ -2,9 +2,9 @@
 
 Decoding and resizing a test split of 10k-20k images takes minutes; reading the same pixels back
 from a safetensors file takes about a second. Files are written once, atomically, with a CRC-32 of
-their content; a file that fails to read back whole, or whose content no longer matches its
-checksum, is warned about and rebuilt. The cache only saves time: a folder that cannot be written
-is warned about and loading goes on without it.
+their content, metadata included; a file that fails to read back whole, or whose content no longer
+matches its checksum, is warned about and rebuilt. The cache only saves time: a folder that cannot
+be written is warned about and loading goes on without it.
 """
 
 from __future__ import annotations
@@ -70,12 +70,20 @@ def cache_path(
     return Path(cache_dir) / f"{stem}-{key[:16]}.safetensors"
 
 
-def checksum(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """CRC-32 of the labels' then the images' bytes: about 0.15 s per GB, so a cache hit stays cheap."""
-    crc = 0
+CHECKSUM = "crc32-meta"  # what ``checksum`` covers, named in its value; "crc32" (the tensors only) is rebuilt
+
+
+def checksum(images: torch.Tensor, labels: torch.Tensor, meta: dict[str, str]) -> str:
+    """CRC-32 of the metadata (every field but the checksum), then the labels' and the images' bytes.
+
+    The metadata counts as content: a ``num_classes`` edited in the header would size the head. About
+    0.15 s per GB, so a cache hit stays cheap.
+    """
+    fields = {k: v for k, v in meta.items() if k != "checksum"}
+    crc = zlib.crc32(json.dumps(fields, sort_keys=True).encode())
     for tensor in (labels, images):
         crc = zlib.crc32(tensor.contiguous().numpy(), crc)
-    return f"crc32:{crc:08x}"
+    return f"{CHECKSUM}:{crc:08x}"
 
 
 def warn(message: str) -> None:
@@ -92,8 +100,8 @@ def read(path: Path, key: str, size: tuple[int, int]) -> CachedSplit | None:
             meta = f.metadata() or {}
             if meta.get("key") != key:
                 raise ValueError("its key differs from the requested one")
-            if "checksum" not in meta:  # written before checksums: rebuilt quietly, once
-                log.info("cache file %s has no checksum; decoding again", path)
+            if not meta.get("checksum", "").startswith(f"{CHECKSUM}:"):  # written before it covered the metadata
+                log.info("cache file %s has no checksum of its metadata; decoding again", path)
                 return None
             images, labels = f.get_tensor("images"), f.get_tensor("labels")
         ok = (
@@ -105,7 +113,7 @@ def read(path: Path, key: str, size: tuple[int, int]) -> CachedSplit | None:
         )
         if not ok:
             raise ValueError("contents do not match the key")
-        found = checksum(images, labels)
+        found = checksum(images, labels, meta)
         if found != meta["checksum"]:
             raise ValueError(f"checksum mismatch: content {found}, written as {meta['checksum']}")
         classes = json.loads(meta["classes"])
@@ -213,8 +221,8 @@ def write(
         "num_classes": str(num_classes),
         "classes": json.dumps(classes),
         "source": source,
-        "checksum": checksum(images, labels),
     }
+    meta["checksum"] = checksum(images, labels, meta)
     for _ in range(100):
         tmp = folder / temp_name(path.name)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
@@ -46,6 +47,23 @@ def _scale_16bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8))  # 2-D uint8 -> mode L
 
 
+def floats_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Float pixels in [0, 1], the convention of float images and arrays, as uint8 (``v * 255`` rounded half up).
+
+    PIL's own convert would clip them to 0 or 1 out of 255, a black image; values outside [0, 1] or
+    not finite have no such reading and are refused (the caller names the file).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError("float pixels must be finite; found NaN or infinite values")
+    if values.size and (values.min() < 0 or values.max() > 1):
+        raise ValueError(
+            f"float pixels must lie in [0, 1], found {values.min():g} to {values.max():g}; "
+            "save the image as 8-bit or scale it to [0, 1]"
+        )
+    return np.floor(values * 255 + 0.5).astype(np.uint8)
+
+
 def to_rgb_or_l(img: Image.Image) -> Image.Image:
     """The image as RGB, or as L when it is grayscale (resampling one channel is three times cheaper).
 
@@ -55,8 +73,10 @@ def to_rgb_or_l(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode in ("RGB", "L"):
         return img
-    if mode in ("1", "LA", "La", "F"):
+    if mode in ("1", "LA", "La"):
         return img.convert("L")
+    if mode == "F":  # 32-bit float (a float TIFF): [0, 1] scaled, not clipped
+        return Image.fromarray(floats_to_uint8(np.asarray(img)))
     if mode == "I" or mode.startswith("I;16"):
         return _scale_16bit(img)
     if mode in ("P", "PA") and (mode == "PA" or "transparency" in img.info):
@@ -129,10 +149,13 @@ def decode_images(
     height, width = size
     out = torch.empty((n, 3, height, width), dtype=torch.uint8)
     target = out.numpy()
+    stop = threading.Event()
 
     def work(start: int) -> int:
-        stop = min(start + _CHUNK, n)
-        for i in range(start, stop):
+        end = min(start + _CHUNK, n)
+        for i in range(start, end):
+            if stop.is_set():  # the decode is being abandoned: leave at once
+                return i - start
             try:
                 target[i] = to_array(load(i), size, resample).transpose(2, 0, 1)
             except DataError:
@@ -140,7 +163,7 @@ def decode_images(
             except Exception as exc:  # name the sample; the original error stays chained
                 where = describe(i) if describe else f"image {i}"
                 raise DataError(f"cannot decode {where}: {type(exc).__name__}: {exc}") from exc
-        return stop - start
+        return end - start
 
     workers = max(1, num_workers if num_workers is not None else (os.cpu_count() or 1))
     with progress(total=n, desc=desc, unit="img", enabled=n >= PROGRESS_MIN) as bar:
@@ -148,14 +171,17 @@ def decode_images(
             for start in range(0, n, _CHUNK):
                 bar.update(work(start))
         else:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vpeft-decode") as pool:
+            pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vpeft-decode")
+            try:
                 pending = {pool.submit(work, start) for start in range(0, n, _CHUNK)}
                 while pending:
                     done, pending = wait(pending, return_when=FIRST_EXCEPTION)
                     for future in done:
-                        if future.exception() is not None:
-                            for other in pending:
-                                other.cancel()
-                            raise future.exception()
-                        bar.update(future.result())
+                        bar.update(future.result())  # a chunk's error is raised here
+            finally:
+                # after an error, Ctrl-C or SIGTERM the queued chunks are dropped and the running ones stop
+                # at their next image: the process ends in a moment, well inside a scheduler's grace
+                # period before SIGKILL, instead of decoding the rest of the split first
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from PIL import Image
 from vpeft.data.base import DATASETS, Prepared, Request, Resolved, SplitItems, layout
 from vpeft.data.decode import open_image
 from vpeft.errors import ConfigError, DataError
-from vpeft.vtab import SPLITS
+from vpeft.vtab import NUM_CLASSES, SPLIT_SIZES, SPLITS
 
 
 @dataclass(frozen=True)
@@ -76,29 +77,48 @@ def read_classes(root: Path) -> list[str] | None:
     return names
 
 
-def _stat(path: Path) -> str:
+def file_signature(path: str | os.PathLike, exact: bool) -> str:
+    """A file's stat fingerprint: size, mtime and type; ``exact`` adds ctime and inode.
+
+    A copy keeps size and mtime (rsync -a, cp -p, tar) but not ctime or inode, and an edit in place
+    that restores size and mtime still moves ctime: the cache, which must never serve stale pixels,
+    takes the exact form; a record, which must survive its data being copied elsewhere, the other.
+    """
     try:
-        st = path.stat()
-    except FileNotFoundError:
-        return f"{path.name}:absent"
-    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
+        st = os.stat(path)
+    except OSError as exc:
+        return f"unreadable:{exc.errno}"
+    sig = f"{st.st_size}:{st.st_mtime_ns}:{stat.S_IFMT(st.st_mode):o}"
+    return f"{sig}:{st.st_ctime_ns}:{st.st_ino}" if exact else sig
 
 
-def files_digest(entries: list[Entry]) -> str:
-    """What a split's pixels depend on: each listed path, its label, and its file's size and mtime.
+def _stat(path: Path) -> str:
+    return f"{path.name}:{file_signature(path, exact=True)}"
 
-    Stat calls only, no image bytes read, so a cache hit on 10k images stays cheap; an image
-    replaced in place changes its size or mtime, hence the digest, hence the cache key.
+
+def files_digest(entries: list[Entry], root: Path | None = None) -> str:
+    """What a split's pixels depend on: each listed path, its label, and its file's stat fingerprint.
+
+    Stat calls only, no image bytes read, so a cache hit on 10k images stays cheap. Without ``root``
+    the exact form for the cache (absolute paths, ctime and inode too: an image rewritten in place
+    changes the digest, hence the cache key, even when it keeps its size and mtime); with ``root``
+    the portable form for records (paths relative to it, size and mtime).
     """
     h = hashlib.sha256()
     for e in entries:
-        try:
-            st = os.stat(e.path)
-            sig = f"{st.st_size}:{st.st_mtime_ns}:{stat.S_IFMT(st.st_mode):o}"
-        except OSError as exc:
-            sig = f"unreadable:{exc.errno}"
-        h.update(f"{e.path}\0{e.label}\0{sig}\n".encode("utf-8", "surrogateescape"))
+        path = e.path if root is None else os.path.relpath(e.path, root)
+        sig = file_signature(e.path, exact=root is None)
+        h.update(f"{path}\0{e.label}\0{sig}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
+
+
+def _text_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return "absent"
+    except OSError as exc:
+        return f"unreadable:{exc.errno}"
 
 
 def _task_folders_in(root: Path, limit: int = 1000) -> list[str]:
@@ -134,11 +154,41 @@ def _check_lists(root: Path, lists: dict[str, Path], splits: tuple[str, ...], un
     raise DataError(f"split list {missing[0]} is missing; a task folder looks like:\n{layout(root)}")
 
 
+def _check_vtab_task(name: str, root: Path, lists: dict[str, Path], listed: Callable[[Path], list[Entry]]) -> None:
+    """A folder read under a VTAB-1k task's name must hold that task: its classes and VTAB-1k's split sizes.
+
+    Otherwise a 10-class folder named cifar100 trains, is recorded as cifar100 and ranks in the VTAB means.
+    Only the list files are read (no image), so this fails in a moment, before the backbone loads.
+    """
+    expected = NUM_CLASSES[name]
+    present = {split: listed(path) for split, path in lists.items() if path.is_file()}
+    classes = read_classes(root)
+    if classes is not None:
+        found, why = len(classes), f"{root / 'classes.txt'} lists {len(classes)}"
+    else:
+        found = max(e.label for entries in present.values() for e in entries) + 1
+        why = f"its largest label is {found - 1}; no classes.txt"
+    problems = [f"{found} classes ({why})"] if found != expected else []
+    outside = next((e for entries in present.values() for e in entries if not 0 <= e.label < expected), None)
+    if outside is not None:
+        problems.append(f"label {outside.label} outside [0, {expected}) at {outside.where()}")
+    for split, n in SPLIT_SIZES.items():
+        if split in present and len(present[split]) != n:
+            problems.append(f"{lists[split].name} lists {len(present[split])} images, not {n}")
+    if problems:
+        sizes = ", ".join(f"{split} {n}" for split, n in SPLIT_SIZES.items())
+        raise DataError(
+            f"{name}: the folder {root} does not hold VTAB-1k's {name} ({expected} classes; {sizes} images, "
+            f"a test split of its own): it has {'; '.join(problems)}. For a task of your own, "
+            f"use dataset=folder dataset.root={root}"
+        )
+
+
 def resolve_folder(root: str | os.PathLike, req: Request) -> Resolved:
     """A task folder: source, cache identity (list files, and each split's image files) and a lazy opener.
 
     A missing folder, or one without the lists the protocol needs, fails here, before anything is
-    decoded or downloaded.
+    decoded or downloaded; so does a folder read under a VTAB-1k task's name that does not hold that task.
     """
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
@@ -163,6 +213,17 @@ def resolve_folder(root: str | os.PathLike, req: Request) -> Resolved:
             return listed(lists["train800"]) + listed(lists["val200"])
         return listed(lists[split])
 
+    if req.name in NUM_CLASSES:
+        _check_vtab_task(req.name, root, lists, listed)
+
+    def digest() -> str:
+        h = hashlib.sha256(b"folder\n")
+        for path in (*lists.values(), root / "classes.txt"):  # labels, paths and class names as written
+            h.update(f"{path.name}:{_text_digest(path)}\n".encode())
+        for split in req.splits:
+            h.update(f"{split}:{files_digest(entries(split), root)}\n".encode())
+        return h.hexdigest()
+
     def prepare(splits: tuple[str, ...]) -> Prepared:
         classes = read_classes(root)
         needed = {s: entries(s) for s in splits}
@@ -179,7 +240,7 @@ def resolve_folder(root: str | os.PathLike, req: Request) -> Resolved:
                     raise DataError(f"{e.where()}: label {e.label} outside [0, {num_classes}) ({why})")
         return Prepared(num_classes, classes, {s: _items(s, split_entries) for s, split_entries in needed.items()})
 
-    return Resolved(source, identity, prepare, split_identity=lambda split: files_digest(entries(split)))
+    return Resolved(source, identity, prepare, split_identity=lambda split: files_digest(entries(split)), digest=digest)
 
 
 def _items(split: str, entries: list[Entry]) -> SplitItems:

@@ -17,6 +17,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from vpeft.data.base import DATASETS, Prepared, Request, Resolved, SplitItems, seeded_permutation
 from vpeft.data.decode import open_image
+from vpeft.data.folder import file_signature
 from vpeft.errors import ConfigError, DataError
 
 LAYOUT = """\
@@ -28,12 +29,11 @@ def _listing(directory: Path, class_to_idx: dict[str, int]) -> list[tuple[str, i
     return make_dataset(directory, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
 
 
-def _digest(samples: list[tuple[str, int]], root: Path) -> str:
-    """What the samples' content depends on: relative paths, labels, sizes and mtimes."""
+def _digest(samples: list[tuple[str, int]], root: Path, exact: bool) -> str:
+    """What the samples' content depends on: relative paths, labels and stat fingerprints (``file_signature``)."""
     h = hashlib.sha256()
     for path, label in samples:
-        st = os.stat(path)
-        h.update(f"{os.path.relpath(path, root)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{os.path.relpath(path, root)}\0{label}\0{file_signature(path, exact)}\n".encode())
     return h.hexdigest()
 
 
@@ -102,15 +102,17 @@ def imagefolder(req: Request) -> Resolved:
     samples = {name: [train[int(i)] for i in idx] for name, idx in chosen.items()}
     if final:
         samples[names[1]] = evaluation
-    identity = "|".join(
-        ["imagefolder", str(root), f"n={n_train}/{n_val}", f"subsample={subsample}", f"seed={req.split_seed}"]
-        + [f"{name}:{_digest(s, root)}" for name, s in sorted(samples.items())]
-    )
+    settings = ["imagefolder", f"n={n_train}/{n_val}", f"subsample={subsample}", f"seed={req.split_seed}"]
+    identity = "|".join([*settings, str(root)] + [f"{n}:{_digest(s, root, True)}" for n, s in sorted(samples.items())])
+
+    def digest() -> str:  # for records: what a copy of the folder elsewhere keeps
+        parts = settings + [f"{n}:{_digest(s, root, False)}" for n, s in sorted(samples.items())]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def prepare(splits: tuple[str, ...]) -> Prepared:
         return Prepared(len(classes), list(classes), {s: _items(s, samples[s]) for s in splits})
 
-    return Resolved(source, identity, prepare, splits=names)
+    return Resolved(source, identity, prepare, splits=names, digest=digest)
 
 
 def _items(split: str, samples: list[tuple[str, int]]) -> SplitItems:

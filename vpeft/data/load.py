@@ -7,6 +7,8 @@ images are only stat'ed, so that an edited image leads to a fresh decode.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from vpeft.data import cache, decode
-from vpeft.data.base import DATASETS, ImageSplit, Request, SplitItems, TaskData
+from vpeft.data.base import DATASETS, ImageSplit, Request, Resolved, SplitItems, TaskData
 from vpeft.errors import ConfigError, DataError
 from vpeft.vtab import PROTOCOL_SPLITS
 
@@ -86,6 +88,34 @@ def _resolve(name, protocol, root, vtab_root, download_root, download, split_see
     return request, DATASETS.get(name)(request)
 
 
+def _digest(resolved: Resolved, splits: tuple[str, str]) -> str:
+    if resolved.digest is not None:
+        return resolved.digest()
+    parts = [resolved.identity] + [resolved.split_identity(s) if resolved.split_identity else "" for s in splits]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def data_digest(
+    name: str,
+    protocol: str,
+    root: str | os.PathLike | None = None,
+    vtab_root: str | os.PathLike | None = None,
+    download_root: str | os.PathLike | None = None,
+    download: bool = True,
+    split_seed: int = 0,
+    num_workers: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    **options,
+) -> str:
+    """The digest ``load_task`` gives its task (``TaskData.digest``), from list files and stat calls alone.
+
+    Nothing is decoded or downloaded, so a finished run can ask in a moment whether its data changed
+    since (a relabelled split, an image replaced); a copy of the data elsewhere keeps the digest.
+    """
+    request, resolved = _resolve(name, protocol, root, vtab_root, download_root, download, split_seed, options)
+    return _digest(resolved, resolved.splits or request.splits)
+
+
 def check_task(
     name: str,
     protocol: str,
@@ -139,6 +169,7 @@ def load_task(
         raise ConfigError(f"num_workers must be a positive integer or None, got {num_workers!r}")
     request, resolved = _resolve(name, protocol, root, vtab_root, download_root, download, split_seed, options)
     names = resolved.splits or request.splits
+    digest = _digest(resolved, names)
 
     found: dict[str, cache.CachedSplit] = {}
     files = {}
@@ -182,4 +213,5 @@ def load_task(
         source=resolved.source,
         decode_seconds=seconds,
         cache_hit=not missing,
+        digest=digest,
     )
