@@ -978,3 +978,13 @@ def test_the_committed_vpt_rows_say_why_they_are_low():
     line = next(li for li in md.splitlines() if li.startswith("- vpt_shallow (digits"))
     assert "method.num_tokens=10 is the only value tried" in line and "optim.lr=0.125 is the largest tried" in line
     assert md_cells(md, "Other datasets", "vpt_shallow")["digits"].endswith("‡")
+
+
+def test_runs_on_different_compute_are_never_averaged_as_one_setting():
+    """Seeds of one config run on a CPU in fp32 and on a GPU in bf16 are different settings (as their identities
+    are): never one cell."""
+    cpu = make_record(seed=0, top1=60.0, device="cpu")
+    gpu = make_record(seed=1, top1=70.0)
+    gpu["compute"] = "cuda-bf16"
+    lb = run([cpu, validate(gpu)])
+    assert not ((lb.cells["n"] == 2) & ~lb.cells["mixed"]).any(), lb.cells[["variant", "n", "mixed"]]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import tempfile
@@ -89,6 +90,54 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """``obj`` as indented JSON, written atomically."""
-    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+def non_finite(obj: Any, where: str = "") -> Iterator[tuple[str, float]]:
+    """The dotted key and value of every NaN or infinite float in ``obj``: strict JSON has no literal for them
+    (Python writes ``NaN``, which other readers refuse)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        yield where, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from non_finite(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            yield from non_finite(value, f"{where}[{i}]")
+
+
+def null_non_finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None (JSON null)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {key: null_non_finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [null_non_finite(value) for value in obj]
+    return obj
+
+
+def write_json_atomic(path: str | Path, obj: Any, strict: bool = False) -> Path:
+    """``obj`` as indented JSON, written atomically; ``strict``: refuse NaN and Infinity, naming the key."""
+    bad = next(non_finite(obj), None) if strict else None
+    if bad is not None:
+        raise ValueError(f"{path}: {bad[0]} is {bad[1]}, which strict JSON cannot hold; store null (None) instead")
+    text = json.dumps(obj, indent=2, sort_keys=False, default=str, allow_nan=not strict)
+    return write_text_atomic(path, text + "\n")
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create ``folder`` and a small file in it, then remove both: OSError (EACCES, EROFS, ENOSPC) now, before
+    hours of work, rather than when a result is to be written. The folders it made are removed again, so a job
+    that then stops on bad input leaves nothing behind (the record's writer makes them when it writes)."""
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-", suffix=".tmp") as f:
+            f.write(b"vpeft\n")  # a block to allocate: a full disk refuses it
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for p in made:  # deepest first; one another process filled meanwhile stays
+            try:
+                p.rmdir()
+            except OSError:
+                break

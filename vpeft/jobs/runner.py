@@ -9,20 +9,25 @@ gives all of them the same guarantees:
   ``bad_input`` with the error, the sweep goes on and its summary names the fix (it exits 2);
 - a finished (``ok``) record of the same plan is skipped, and is never replaced by a worse one;
 - Ctrl-C and SIGTERM (what schedulers send before a kill) leave an ``interrupted`` record, and any
-  error after set-up a ``failed`` one, keeping what was measured so far;
-- records are written atomically, one lock per record; the environment is captured once.
+  error after set-up a ``failed`` one, keeping what was measured so far; a stop signal that comes
+  while a record is written (or waits for its lock) waits until the record is on disk;
+- a records folder that cannot be written is bad input, found before the job starts; a write that
+  fails at the end (a full disk) prints what was measured and the record, and exits 1;
+- records are strict JSON, written atomically, one lock per record; the environment is captured once.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,7 +37,7 @@ from omegaconf import DictConfig
 
 from vpeft.env import claim_gpu, environment, resolve_device
 from vpeft.errors import RunFailed, VpeftError
-from vpeft.files import write_json_atomic
+from vpeft.files import check_writable, non_finite, null_non_finite, write_json_atomic
 from vpeft.results import read_record, write_record_guarded
 
 log = logging.getLogger("vpeft")
@@ -49,6 +54,10 @@ class _BadInputInSweep(Exception):
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, what schedulers (SLURM, Kubernetes) send before they kill a job: handled like Ctrl-C."""
+
+
+class RecordNotWritten(OSError):
+    """The record could not be written (a full or read-only disk): what was measured is printed instead."""
 
 
 @dataclass
@@ -136,15 +145,41 @@ def mark_entered() -> None:
     _entered = True
 
 
+def _stop(signum: int) -> KeyboardInterrupt:
+    """The exception a stop signal raises: KeyboardInterrupt for Ctrl-C, Terminated for the others."""
+    if signum == signal.SIGINT:
+        return KeyboardInterrupt("interrupted by the user (Ctrl-C)")
+    why = f"terminated by signal {signal.Signals(signum).name}"
+    if signum != signal.SIGTERM:
+        why += " (the scheduler's notice of the time limit or of a preemption)"
+    return Terminated(why)
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     # Schedulers repeat the signal (SLURM: srun forwards SIGTERM, then slurmstepd sends its own): the
     # first one stops the job, later ones must not break off the writing of its record
     for s in stop_signals():
         signal.signal(s, signal.SIG_IGN)
-    why = f"terminated by signal {signal.Signals(signum).name}"
-    if signum != signal.SIGTERM:
-        why += " (the scheduler's notice of the time limit or of a preemption)"
-    raise Terminated(why)
+    raise _stop(signum)
+
+
+@contextmanager
+def stops_held() -> Iterator[list[int]]:
+    """Stop signals (Ctrl-C, SIGTERM, the scheduler's notice) are noted, not raised, inside the block, so that
+    a record being written (or waiting for its lock) is never broken off; yields the signals noted. Outside
+    the main thread, where no handler can be set, nothing changes."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    previous = {
+        s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in {signal.SIGINT, *stop_signals()}
+    }
+    try:
+        yield held
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # None: a handler set outside Python
 
 
 def stop_signals() -> list[signal.Signals]:
@@ -203,6 +238,14 @@ def _run(job: Job, cfg: DictConfig) -> dict[str, Any] | None:
             print(f"skipped (finished): {plan.record_path} ({job.describe(previous)})", flush=True)
             _write_status(previous, True, plan)
             return previous
+    try:  # a folder the record cannot go into fails now, not after hours of training
+        if plan.record_path is not None:
+            check_writable(plan.record_path.parent)
+    except OSError as e:
+        e = InputError(_unwritable(cfg, plan.record_path.parent, e))
+        _input_failure(e, multirun)
+        _write_status(None, False, plan, bad_input=str(e))
+        return None
     record, bad_input = None, None
     try:
         record = _execute(job, plan, device, multirun, started)
@@ -223,7 +266,7 @@ def _execute(job: Job, plan: Plan, device: torch.device, multirun: bool, started
     ctx = Context()
 
     def stop(status: str, error: str, rethrow: Callable[[], Any] | None) -> dict[str, Any] | None:
-        finish(job, plan, record, status, error)
+        _finish_or_report(job, plan, record, status, error)
         job.after(ctx, record, ok=False)
         if multirun or rethrow is None:
             return record
@@ -231,10 +274,14 @@ def _execute(job: Job, plan: Plan, device: torch.device, multirun: bool, started
 
     try:
         job.execute(plan, device, record, ctx)
+        ctx.phase = "recording"
+        with stops_held() as held:  # what was measured goes on disk before a stop signal is obeyed
+            written = _finish_or_report(job, plan, record, "ok", None)
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through _on_sigterm
         why = str(e) or "interrupted by the user (Ctrl-C)"
         log.error("%s during %s: recording the job as interrupted", why, ctx.phase)
-        finish(job, plan, record, "interrupted", f"{why} during {ctx.phase}")
+        with stops_held():  # a second Ctrl-C must not break off this record either
+            _finish_or_report(job, plan, record, "interrupted", f"{why} during {ctx.phase}")
         job.after(ctx, record, ok=False)
         e.record = record
         raise
@@ -252,8 +299,19 @@ def _execute(job: Job, plan: Plan, device: torch.device, multirun: bool, started
         if multirun:
             log.exception("job failed; the sweep goes on")
         return stop("failed", error, _reraise)
-    finish(job, plan, record, "ok", None)
+    if not written:  # the disk refused it: what was measured and the record went to stderr instead
+        job.after(ctx, record, ok=False)
+        if not multirun:
+            sys.exit(1)
+        record.update(status="failed", error=f"the record could not be written to {plan.record_path}")
+        return record
     job.after(ctx, record, ok=True)
+    if held:
+        stop_signal = _stop(held[0])
+        log.warning("%s while the record was written: the record is on disk (%s, ok); stopping now",
+                    stop_signal, plan.record_path)  # fmt: skip
+        stop_signal.record = record
+        raise stop_signal
     return record
 
 
@@ -262,22 +320,55 @@ def _reraise() -> None:
 
 
 def finish(job: Job, plan: Plan, record: dict[str, Any], status: str, error: str | None) -> dict[str, Any]:
-    """Write the record, unless it would replace a finished (ok) record of this plan with a worse one."""
+    """Write the record, unless it would replace a finished (ok) record of this plan with a worse one.
+
+    Records are strict JSON: a failed or interrupted run's NaN or infinite numbers (a diverged loss) are
+    stored as null, their values in its error; an ok record with one is refused (ValueError naming the key).
+    """
     if "status" in record or status != "ok":
         record.update(status=status, error=error)
     record["finished_at"] = now()
+    bad = list(non_finite(record)) if status != "ok" else []
+    if bad:
+        record.update(null_non_finite(record))
+        shown = ", ".join(f"{key}={value}" for key, value in bad)
+        record["error"] = f"{record['error']} [not finite, stored as null: {shown}]"
     if status != "ok" and not job.records_failures or plan.record_path is None:
         return record
     try:
         written = job.write(plan.record_path, record)
     except OSError as e:
-        raise OSError(f"could not write the record {plan.record_path}: {e.strerror or e}") from e
+        raise RecordNotWritten(e.errno, f"could not write the record {plan.record_path}: {e.strerror or e}") from e
     if written:
         log.info("record: %s (%s)", plan.record_path, status)
     else:
         log.warning("record: %s holds a finished (ok) run of this configuration; this %s run left it as it is",
                     plan.record_path, status)  # fmt: skip
     return record
+
+
+def _finish_or_report(job: Job, plan: Plan, record: dict[str, Any], status: str, error: str | None) -> bool:
+    """``finish``; when the disk refuses the record, print what was measured and the record itself to stderr
+    and return False: nothing measured is lost with the file."""
+    try:
+        finish(job, plan, record, status, error)
+    except RecordNotWritten as e:
+        print(f"error: {e.strerror}; free space on the disk of {plan.record_path.parent} or make it writable, "
+              f"then save the record printed below as {plan.record_path.name} there", file=sys.stderr)  # fmt: skip
+        print(f"measured ({status}, not on disk): {job.describe(record)}; the record:", file=sys.stderr)
+        print(json.dumps(record, default=str), file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def _unwritable(cfg: DictConfig, folder: Path, e: OSError) -> str:
+    """The bad-input message of a records folder that cannot be written, naming the paths.* key that leads to it."""
+    where = os.path.normpath(folder)
+    roots = {f"paths.{k}": os.path.normpath(str(v)) for k, v in (cfg.get("paths") or {}).items() if v}
+    holding = [(len(root), key) for key, root in roots.items() if where == root or where.startswith(root + os.sep)]
+    key = max(holding)[1] if holding else "paths.results"
+    return (f"cannot write records in {folder} ({e.strerror or e}): make it writable (and free space on its "
+            f"disk), or set {key} to a writable folder")  # fmt: skip
 
 
 def _input_failure(e: Exception, multirun: bool) -> None:
@@ -297,10 +388,12 @@ def _write_status(
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        folder = Path(HydraConfig.get().runtime.output_dir)
+        hc = HydraConfig.get()
+        folder = Path(hc.runtime.output_dir)
     except (ImportError, ValueError):
         return
     status = {
+        "num": hc.job.get("num"),  # the job's number in its sweep (vpeft.sweep matches it to the sweep's plan)
         "status": "bad_input" if bad_input is not None else record.get("status", "ok") if record else "failed",
         "skipped": skipped,
         "record": str(plan.record_path) if plan and plan.record_path and bad_input is None else None,

@@ -219,7 +219,7 @@ def _key(method_config: dict[str, Any]) -> str:
 
 def _settings(record: dict[str, Any]) -> str:
     """The run's config minus the seed and the keys that never change a result (as its hash leaves them out)."""
-    config = {k: v for k, v in hashed_config(record.get("config", {})).items() if k != "seed"}
+    config = {k: v for k, v in hashed_config(record.get("config", {}), record.get("compute")).items() if k != "seed"}
     return json.dumps(config, sort_keys=True, default=str)
 
 

@@ -1,7 +1,8 @@
 """The run record: one self-describing JSON per (backbone, method, dataset, protocol, seed, config).
 
-A run's identity is decided here: the names records give a dataset and a backbone, and the part of the
-resolved config that is hashed (everything but ``NOT_HASHED``), so a rerun finds its record.
+A run's identity is decided here: the names records give a dataset and a backbone, the compute it ran
+on (device type and precision), and the part of the resolved config that is hashed (everything but
+``NOT_HASHED``), so a rerun finds its record.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,9 @@ NOT_HASHED = (
     "merge",
 )  # fmt: skip
 NOT_HASHED_TRAINER = ("progress", "data_on_device", "eval_batch_size")
+# The compute every record was made on before records named theirs: a record without ``compute`` was made on it,
+# and it stays out of the hash, so that those records (results/runs) keep their names and hashes.
+LEGACY_COMPUTE = "cpu-fp32"
 
 _OPT_INT = (int, type(None))
 _OPT_FLOAT = (float, int, type(None))
@@ -101,18 +106,28 @@ def validate(record: dict[str, Any]) -> dict[str, Any]:
             raise RecordError(f"record.metrics.train_loss: {record['metrics']['train_loss']!r} in a run recorded ok")
     elif not record["error"]:
         raise RecordError(f"record: status {record['status']} needs an error message")
+    if not isinstance(record.get("compute", LEGACY_COMPUTE), str):
+        raise RecordError(f"record.compute: {record['compute']!r} is not a string such as 'cuda-bf16'")
     top1 = record["metrics"]["top1"]
     if top1 is not None and not (math.isfinite(top1) and 0 <= top1 <= 100):  # averaging it would skew every mean
         raise RecordError(f"record.metrics.top1: {top1!r} is not a top-1 accuracy (a percentage in [0, 100])")
     return record
 
 
-def hashed_config(config: dict[str, Any]) -> dict[str, Any]:
+def compute_id(device_type: str, amp: str) -> str:
+    """What a run computes on: 'cpu-fp32', 'cuda-bf16', ... (``amp`` as resolved: bf16 or none)."""
+    return f"{device_type}-{'bf16' if amp == 'bf16' else 'fp32'}"
+
+
+def hashed_config(config: dict[str, Any], compute: str | None = None) -> dict[str, Any]:
     """The part of a resolved run config that decides the result: all but ``NOT_HASHED`` (and the trainer's
-    ``NOT_HASHED_TRAINER``). ``config_hash`` of it names the run."""
+    ``NOT_HASHED_TRAINER``), with the ``compute`` it runs on unless that is ``LEGACY_COMPUTE``. ``config_hash``
+    of it names the run."""
     out = {k: v for k, v in config.items() if k not in NOT_HASHED}
     if isinstance(out.get("trainer"), dict):
         out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in NOT_HASHED_TRAINER}
+    if compute is not None and compute != LEGACY_COMPUTE:
+        out["compute"] = compute
     return out
 
 
@@ -144,7 +159,15 @@ def backbone_id(bb: dict[str, Any]) -> str:
 
 
 def record_path(root: str | Path, record_or_keys: dict[str, Any]) -> Path:
-    """``<root>/<dataset>/<backbone>/<method>/<protocol>-seed<seed>-<config hash>.json``."""
+    """``<root>/<dataset>/<backbone>/<method>/<protocol>-seed<seed>-<config hash>.json``, always inside ``root``:
+    a name that would lead out of it ('..') is a RecordError naming the field."""
     r = record_or_keys
-    name = f"{r['protocol']}-seed{r['seed']}-{r['config_hash']}.json"
-    return Path(root) / path_part(r["dataset"]) / path_part(r["backbone"]) / path_part(r["method"]) / name
+    parts = {key: path_part(str(r[key])) for key in ("dataset", "backbone", "method")}
+    for key, part in parts.items():
+        if part.strip(".") == "":  # '.' and '..' name a folder, not a run's own one
+            raise RecordError(f"record {key} {r[key]!r} is not a name a folder can have (it leads outside {root})")
+    path = Path(root).joinpath(*parts.values(), f"{r['protocol']}-seed{r['seed']}-{r['config_hash']}.json")
+    # compared as written, not resolved: a symlinked folder under the root is a choice, not an escape
+    if os.path.commonpath([os.path.normpath(root), os.path.normpath(path)]) != os.path.normpath(root):
+        raise RecordError(f"record path {path} is not inside {root}")
+    return path

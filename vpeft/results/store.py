@@ -3,8 +3,10 @@ every file vpeft writes: ``vpeft.files``)."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -13,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from vpeft.files import STALE_TMP_SECONDS, atomic_path, remove_stale_temps, write_json_atomic, write_text_atomic
-from vpeft.results.record import RecordError, validate
+from vpeft.results.record import LEGACY_COMPUTE, RecordError, validate
+
+log = logging.getLogger("vpeft")
 
 __all__ = [  # the atomic writers live in vpeft.files; records are written with them
     "STALE_TMP_SECONDS", "atomic_path", "iter_json", "iter_records", "load_json_object", "lock_path", "read_record",
@@ -23,8 +27,8 @@ __all__ = [  # the atomic writers live in vpeft.files; records are written with 
 
 
 def write_record(path: str | Path, record: dict[str, Any]) -> Path:
-    """Validate and write ``record`` atomically, whatever is there; runs use ``write_record_guarded``."""
-    return write_json_atomic(path, validate(record))
+    """Validate and write ``record`` atomically (strict JSON), whatever is there; runs use ``write_record_guarded``."""
+    return write_json_atomic(path, validate(record), strict=True)
 
 
 def lock_path(path: str | Path) -> Path:
@@ -40,7 +44,13 @@ def record_lock(path: str | Path) -> Iterator[None]:
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            log.info("waiting for the lock of %s: another process is writing it", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
@@ -64,7 +74,7 @@ def write_record_guarded(path: str | Path, record: dict[str, Any]) -> tuple[Path
                 current = None
             if current is not None and current["status"] == "ok":
                 return path, False
-        write_json_atomic(path, record)
+        write_json_atomic(path, record, strict=True)
     return path, True
 
 
@@ -82,8 +92,11 @@ def load_json_object(path: str | Path) -> dict[str, Any]:
 
 
 def read_record(path: str | Path) -> dict[str, Any]:
-    """The valid record in ``path``; OSError, JSONDecodeError or RecordError (both ValueErrors) otherwise."""
-    return validate(load_json_object(path))
+    """The valid record in ``path``; OSError, JSONDecodeError or RecordError (both ValueErrors) otherwise.
+    A record from before records named their compute says the one it was made on (``LEGACY_COMPUTE``)."""
+    record = validate(load_json_object(path))
+    record.setdefault("compute", LEGACY_COMPUTE)
+    return record
 
 
 def iter_json(root: str | Path, read: Callable[[Path], dict[str, Any]]) -> Iterator[tuple[Path, dict[str, Any]]]:
