@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import vpeft.config  # noqa: E402,F401  (resolvers)
+from vpeft.errors import ConfigError  # noqa: E402
 from vpeft.results import iter_records  # noqa: E402
-from vpeft.results.record import backbone_id  # noqa: E402
-from vpeft.vtab import TASKS, get_path, select_hparams, write_hparams  # noqa: E402
+from vpeft.results.record import backbone_id, hashed_config  # noqa: E402
+from vpeft.vtab import TASKS, get_path, is_tunable, select_hparams, tunable_keys, write_hparams  # noqa: E402
 
 STAGES = ("tune", "select", "final")
 
@@ -91,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             parser.error(f"--grid takes one KEY=V1,V2 item, got {bad[0]!r}")
         grid = {k: v.split(",") for k, v in (item.split("=", 1) for item in args.grid)}
+    fixed = [k for k in grid if not is_tunable(k)]
+    if fixed:
+        parser.error(f"--grid {fixed[0]}: a tune grid varies only {tunable_keys()} (hyperparameters, not what names "
+                     "a run: seeds are --seeds, the rest a run.py override)")  # fmt: skip
     seeds = args.seeds or ",".join(str(s) for s in cfg.sweep.seeds)
     results = Path(cfg.paths.results)
     backbone = backbone_id(OmegaConf.to_container(cfg.backbone, resolve=True))
@@ -120,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             records = [r for _, r in iter_records(results) if get_path(r.get("config") or {}, "recipe") == recipe]
             # every task tuned under this recipe keeps its choice, so tasks can be run in batches
-            chosen = select_hparams(records, list(grid), method=cfg.method.name, backbone=backbone)
+            try:  # tune runs that differ in more than the grid and the seed are refused, not averaged
+                chosen = select_hparams(records, list(grid), method=cfg.method.name, backbone=backbone,
+                                        settings=lambda r: hashed_config(r["config"], r.get("compute")))  # fmt: skip
+            except ConfigError as e:
+                print(f"select: error: {e} (records under {results})", file=sys.stderr)
+                return 2
             tasks = args.tasks.split(",")
             missing = sorted(set(tasks) - set(chosen))
             if not set(chosen) & set(tasks):

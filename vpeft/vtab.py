@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,32 @@ GROUP_OF: dict[str, str] = {t: g for g, tasks in GROUPS.items() for t in tasks}
 SPLITS = ("train800", "val200", "train800val200", "test")
 # protocol -> (split trained on, split evaluated on)
 PROTOCOL_SPLITS = {"tune": ("train800", "val200"), "final": ("train800val200", "test")}
+# every VTAB-1k task folder holds these many images per split; its test split is the task's own (any size)
+SPLIT_SIZES = {"train800": 800, "val200": 200, "train800val200": 1000}
+# classes per task, as VTAB's task definitions (google-research/task_adaptation, data/*.py) label them:
+# caltech101 keeps tfds's BACKGROUND_Google class, clevr_count counts 3-10 objects, clevr_dist, dmlab and
+# kitti bin a distance, dSprites bins position x and orientation into 16, smallNORB has 18 azimuths, 9 elevations
+NUM_CLASSES: dict[str, int] = {
+    "cifar100": 100,
+    "caltech101": 102,
+    "dtd": 47,
+    "oxford_flowers102": 102,
+    "oxford_iiit_pet": 37,
+    "svhn": 10,
+    "sun397": 397,
+    "patch_camelyon": 2,
+    "eurosat": 10,
+    "resisc45": 45,
+    "diabetic_retinopathy": 5,
+    "clevr_count": 8,
+    "clevr_dist": 6,
+    "dmlab": 6,
+    "kitti": 4,
+    "dsprites_loc": 16,
+    "dsprites_ori": 16,
+    "smallnorb_azi": 18,
+    "smallnorb_ele": 9,
+}
 
 # VPT-deep's per-task prompt lengths on VTAB-1k (ViT-B/16 IN-21k). VPT's paper (Jia et al., ECCV 2022)
 # does not print them: its authors released the per-task values as a spreadsheet instead (github
@@ -76,6 +102,34 @@ VPT_PROMPT_LENGTHS: tuple[int, ...] = (1, 5, 10, 50, 100, 200)
 # -- the selection step -------------------------------------------------------------------------------------------
 
 HPARAMS_KIND = "vpeft.hparams/1"
+# What a tune grid may vary, and so what a hyperparameter file may set: the optimizer's and the method's values,
+# the schedule and the regularisation; never what names a run or where it goes (seed, protocol, dataset, the
+# backbone and its weights, paths, device, job, hparams), nor which optimizer or method it is.
+TUNABLE_GROUPS = ("optim", "method")
+TUNABLE_KEYS = (
+    "trainer.epochs",
+    "trainer.batch_size",
+    "trainer.warmup_epochs",
+    "trainer.warmup_lr",
+    "trainer.min_lr",
+    "trainer.label_smoothing",
+    "trainer.grad_clip",
+    "backbone.drop_path_rate",
+)
+NOT_TUNABLE = ("optim._target_", "optim._partial_", "method.name")
+
+
+def is_tunable(key: str) -> bool:
+    """Whether a tune grid may vary ``key`` (a dotted config key) and a hyperparameter file may set it."""
+    group = key.split(".", 1)[0]
+    return key not in NOT_TUNABLE and (key in TUNABLE_KEYS or (group in TUNABLE_GROUPS and "." in key))
+
+
+def tunable_keys() -> str:
+    """The tunable keys, as a message lists them."""
+    return ", ".join([f"{g}.*" for g in TUNABLE_GROUPS] + list(TUNABLE_KEYS))
+
+
 SELECTION_RULE = "highest mean val200 top-1 over protocol=tune runs with status ok; ties: first grid point in order"
 
 
@@ -92,14 +146,58 @@ def _order_key(values: tuple) -> str:
     return json.dumps(values, sort_keys=True, default=str)
 
 
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys (``{"trainer": {"epochs": 8}}`` -> ``{"trainer.epochs": 8}``)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _settings(record: dict[str, Any], keys: Sequence[str], settings: Callable[[dict], dict]) -> dict[str, Any]:
+    """What a tune run's result depends on besides the grid point and the seed, as dotted keys."""
+    return {k: v for k, v in _flat(settings(record)).items() if k != "seed" and k not in keys}
+
+
+def _mixed_settings(method: str, task: str, groups: dict[str, tuple[dict[str, Any], int]]) -> str:
+    """The error for tune runs of one (method, task) that differ in more than the grid and the seed."""
+    flats = [flat for flat, _ in groups.values()]
+    differ = sorted(k for k in set().union(*flats) if len({_order_key((f.get(k),)) for f in flats}) > 1)
+
+    def counts(key: str) -> str:
+        runs: dict[str, int] = defaultdict(int)
+        for flat, n in groups.values():
+            runs[json.dumps(flat.get(key), default=str)] += n
+        return ", ".join(f"{v} ({n} run{'s' if n > 1 else ''})" for v, n in sorted(runs.items()))
+
+    shown = "; ".join(f"{k}: {counts(k)}" for k in differ[:5])
+    more = f" and {len(differ) - 5} more keys" if len(differ) > 5 else ""
+    return (
+        f"the tune runs of {method} on {task} differ in more than the grid and the seed ({shown}{more}), so a grid "
+        "point would average runs of other settings as one; keep each setting's runs apart (a paths.results of "
+        "its own) or remove the records of the runs that are not meant, then select again"
+    )
+
+
 def select_hparams(
     records: Iterable[dict[str, Any]],
     keys: Sequence[str],
     method: str | None = None,
     backbone: str | None = None,
+    settings: Callable[[dict], dict] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per dataset, the values of ``keys`` whose ok tune runs have the best mean top-1 (seeds averaged)."""
+    """Per dataset, the values of ``keys`` whose ok tune runs have the best mean top-1 (seeds averaged).
+
+    Every grid point must stand for one setting: tune runs of a (method, task) whose configs differ in more than
+    ``keys`` and the seed (``settings(record)``: what in a record decides its result; by default its whole
+    config) raise ConfigError naming the keys that differ, rather than averaging, say, 8- and 100-epoch runs.
+    """
+    settings = settings or (lambda record: record["config"])
     scores: dict[str, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[str, dict[str, tuple[dict[str, Any], int]]] = defaultdict(dict)
     for r in records:
         if r["protocol"] != "tune" or r["status"] != "ok":
             continue
@@ -110,6 +208,13 @@ def select_hparams(
             continue
         values = tuple(get_path(r["config"], k) for k in keys)
         scores[r["dataset"]][values].append(float(top1))
+        flat = _settings(r, keys, settings)
+        group = _order_key(tuple(sorted(flat.items())))
+        seen = groups[r["dataset"]].get(group, (flat, 0))
+        groups[r["dataset"]][group] = (flat, seen[1] + 1)
+    for task, found in sorted(groups.items()):
+        if len(found) > 1:
+            raise ConfigError(_mixed_settings(method or "the method", task, found))
     chosen: dict[str, dict[str, Any]] = {}
     for task in sorted(scores):
         candidates = sorted(scores[task].items(), key=lambda kv: _order_key(kv[0]))
@@ -157,6 +262,13 @@ def read_hparams(path: str | Path) -> dict[str, Any]:
         isinstance(t, dict) and isinstance(t.get("values"), dict) for t in data["tasks"].values()
     ):
         raise ConfigError(f"hyperparameter file {path} is malformed (tasks.<task>.values missing); run select again")
+    for task, chosen in data["tasks"].items():
+        for key in chosen["values"]:
+            if not is_tunable(str(key)):
+                raise ConfigError(
+                    f"hyperparameter file {path} sets {key} (for {task}), which is no tuned value: a file may set "
+                    f"only {tunable_keys()}; remove {key} from the file and give it on the command line instead"
+                )
     return data
 
 

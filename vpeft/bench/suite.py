@@ -16,7 +16,7 @@ from vpeft.bench.latency import LatencyReport, default_dtypes, default_iteration
 from vpeft.bench.params import ParamReport, measure_params
 from vpeft.bench.training import TrainReport, measure_training, measure_training_isolated
 from vpeft.core import count_parameters
-from vpeft.errors import ConfigError, UnknownNameError
+from vpeft.errors import ConfigError, UnknownNameError, check_value, shown
 
 log = logging.getLogger("vpeft")
 
@@ -44,10 +44,15 @@ class BenchConfig:
     train_isolate: bool | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.latency, bool) or not isinstance(self.flops, bool):
-            raise ConfigError("bench.latency and bench.flops must be true or false")
-        if self.train_isolate is not None and not isinstance(self.train_isolate, bool):
-            raise ConfigError("bench.train_isolate must be true, false or null")
+        check_value("bench.latency", self.latency, "bool", example=True)
+        check_value("bench.flops", self.flops, "bool", example=True)
+        check_value("bench.train_isolate", self.train_isolate, "bool", optional=True, example=True)
+        for name in ("batches", "dtypes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value):
+                example = "[1,8]" if name == "batches" else "[fp32]"
+                raise ConfigError(f"bench.{name} must be a non-empty list or null, got {shown(value)}; "
+                                  f"set bench.{name}={example}, for example")  # fmt: skip
         if self.batches is not None:
             object.__setattr__(self, "batches", tuple(positive_int(b, "bench.batches[]") for b in self.batches))
         if self.dtypes is not None:
@@ -71,7 +76,8 @@ class BenchConfig:
                 continue
             if key not in valid:
                 raise UnknownNameError("bench config field", key, valid)
-            kwargs[key] = tuple(value) if key in ("batches", "dtypes") and value is not None else value
+            listed = key in ("batches", "dtypes") and isinstance(value, Sequence) and not isinstance(value, str)
+            kwargs[key] = tuple(value) if listed else value
         return cls(**kwargs)
 
     def resolved(self, device: torch.device | str) -> BenchConfig:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from vpeft.errors import ConfigError, RunFailed
+from vpeft.errors import ConfigError, RunFailed, check_value, shown
 from vpeft.progress import progress as progress_bar
 
 
@@ -47,19 +47,33 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        """Every field checked as the config gives it, so that a bad value stops the run before it starts."""
         for name in ("epochs", "batch_size", "eval_batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"trainer.{name} must be a positive integer, got {getattr(self, name)!r}")
+            check_value(f"trainer.{name}", getattr(self, name), "integer", low=1, example=getattr(TrainConfig, name))
         if self.amp not in ("auto", "bf16", "none"):
-            raise ConfigError(f"trainer.amp must be auto, bf16 or none, got {self.amp!r}")
+            raise ConfigError(f"trainer.amp must be auto, bf16 or none, got {shown(self.amp)}; set trainer.amp=auto")
         if self.data_on_device not in ("auto", "yes", "no"):
-            raise ConfigError(f"trainer.data_on_device must be auto, yes or no, got {self.data_on_device!r}")
+            raise ConfigError(
+                f"trainer.data_on_device must be auto, yes or no, got {shown(self.data_on_device)}; "
+                "set trainer.data_on_device=auto"
+            )
+        for name in ("compile", "progress"):
+            check_value(f"trainer.{name}", getattr(self, name), "bool", example=getattr(TrainConfig, name))
+        for name in ("warmup_lr", "min_lr"):
+            check_value(f"trainer.{name}", getattr(self, name), low=0, example=getattr(TrainConfig, name))
+        check_value("trainer.label_smoothing", self.label_smoothing, low=0, high=1, high_open=True, example=0.1)
+        check_value("trainer.grad_clip", self.grad_clip, low=0, low_open=True, optional=True, example=1.0)
+        check_value("trainer.eval_every", self.eval_every, "integer", low=0, example=0)
         if self.warmup_epochs is None:
             self.warmup_epochs = int(self.epochs / 10 + 0.5)
-        if not isinstance(self.warmup_epochs, int) or not 0 <= self.warmup_epochs <= self.epochs:
+        if (
+            isinstance(self.warmup_epochs, bool)
+            or not isinstance(self.warmup_epochs, int)
+            or not 0 <= self.warmup_epochs <= self.epochs
+        ):
             raise ConfigError(
-                f"trainer.warmup_epochs must be an integer in [0, epochs={self.epochs}], got {self.warmup_epochs!r}; "
-                "leave it unset (null) for a tenth of the epochs"
+                f"trainer.warmup_epochs must be an integer in [0, epochs={self.epochs}], "
+                f"got {shown(self.warmup_epochs)}; leave it unset (null) for a tenth of the epochs"
             )
 
 

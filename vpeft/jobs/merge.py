@@ -32,7 +32,7 @@ from vpeft.backbones import backbone_from_config
 from vpeft.config import check_keys
 from vpeft.data import load_task
 from vpeft.engine.loop import evaluate
-from vpeft.errors import ConfigError, DataError, NotMergeableError, UnknownNameError
+from vpeft.errors import ConfigError, DataError, NotMergeableError, UnknownNameError, check_value, shown
 from vpeft.jobs.runner import Context, Job, Plan, hydra_overrides
 from vpeft.jobs.train import plan_run, seed_everything
 from vpeft.methods import METHODS, mergeable_methods
@@ -91,11 +91,7 @@ class MergeJob(Job):
                 f"{method} has no weight-space task vector (its delta changes the computation, not the weights); "
                 f"mergeable methods: {', '.join(mergeable_methods())}; merge.space=delta merges its own tensors"
             )
-        grid = {k: list(v) for k, v in (m.get("grid") or {}).items()}
-        defaults = compose.algorithm_params("task_arithmetic" if negation else algorithm)
-        for key in [*grid, *(m.get("params") or {})]:
-            if key not in defaults:
-                raise ConfigError(f"merge: {algorithm} has no parameter {key!r}; its parameters: {', '.join(defaults)}")
+        grid, params = _grid_and_params(m, algorithm, len(tasks))
         runs = {t: {p: plan_run(run_config(cfg, t, p)) for p in ("tune", "final")} for t in tasks}
         first = runs[tasks[0]]["final"]
         ident = {
@@ -109,7 +105,7 @@ class MergeJob(Job):
         # a pool is a set: its merge has one hash and one record in whatever order the tasks are given;
         # negation's [target, control] is an order
         pool = ident["tasks"] if negation else sorted(ident["tasks"])
-        hashed = {**ident, "tasks": pool, "grid": grid, "params": m.get("params") or {},
+        hashed = {**ident, "tasks": pool, "grid": grid, "params": params,
                   "runs": {t: [r["tune"].identity["config_hash"], r["final"].identity["config_hash"]] for t, r in runs.items()}}  # fmt: skip  # noqa: E501
         ident["config_hash"] = config_hash(hashed)
         root = Path(cfg.paths.get("merges") or Path(cfg.paths.results).parent / "merges")
@@ -117,7 +113,7 @@ class MergeJob(Job):
         path = root / ident["backbone"].replace("/", "_") / ident["method"] / name
         resolved = OmegaConf.to_container(cfg, resolve=True)
         return Plan(cfg, resolved, hydra_overrides()[0], ident, path,
-                    extra={"runs": runs, "tasks": tasks, "grid": grid, "params": m.get("params") or {}})  # fmt: skip
+                    extra={"runs": runs, "tasks": tasks, "grid": grid, "params": params})  # fmt: skip
 
     def base_record(self, plan: Plan, env: dict[str, Any], started: str) -> dict[str, Any]:
         return {
@@ -165,16 +161,17 @@ class MergeJob(Job):
         seed_everything(plan.identity["seed"])  # a randomly initialised backbone is the runs' own only so
         bb = backbone_from_config(r["backbone"], num_classes=1)  # any head: each task's replaces it
         base = bb.model.to(device).eval()
-        data = {}
+        data, classes = {}, {}
         for t in tasks:
             where = _data_args(runs[t]["final"].resolved)
             name = where.pop("name")
             for protocol in ("tune", "final"):
-                split = load_task(name, protocol, tuple(bb.input_size[1:]), bb.interpolation, **where).eval
-                data[t, protocol] = split
+                task = load_task(name, protocol, tuple(bb.input_size[1:]), bb.interpolation, **where)
+                data[t, protocol], classes[t] = task.eval, task.num_classes
         heads = {p: [compose.task_head(deltas[t][p], base) for t in tasks] for p in ("tune", "final")}
         vectors = {p: [compose.task_vector(deltas[t][p], base, plan.identity["space"]) for t in tasks]
                    for p in ("tune", "final")}  # fmt: skip
+        _check_pool(plan, deltas, heads, vectors, classes)  # still set-up: a pool that cannot merge exits 2
         ctx.phase = "merging"
         amp = r["trainer"].get("amp", "auto")
         batch = int(r["trainer"].get("eval_batch_size", 256))
@@ -213,6 +210,7 @@ class MergeJob(Job):
         for s in scored:
             s["mean"] = sum(s["val_top1"].values()) / len(tasks)
         record["params"] = chosen["params"]
+        record["space_meaning"] = compose.SPACE_MEANINGS[plan.identity["space"]]  # what the merged vectors hold
         record["selection"] = {"rule": rule, "grid": scored}
         merge_seconds = time.perf_counter() - start
         ctx.phase = "evaluating"
@@ -256,6 +254,59 @@ class MergeJob(Job):
                   f" | record: {ctx.state['path']}")  # fmt: skip
 
 
+# each parameter of a merge algorithm: (kind, range, a valid value); weights (weighted_average) is a list
+MERGE_VALUES = {
+    "lam": ("number", {"low": 0}, 1.0),  # the scaling coefficient; 0: the bare backbone (a baseline point)
+    "density": ("number", {"low": 0, "low_open": True, "high": 1}, 0.2),  # the share TIES keeps; 0 keeps nothing
+    "drop": ("number", {"low": 0, "high": 1, "high_open": True}, 0.9),  # DARE's drop probability
+    "seed": ("integer", {"low": 0, "high": 2**32 - 1}, 0),
+}
+
+
+def _grid_and_params(m: dict[str, Any], algorithm: str, n_tasks: int) -> tuple[dict[str, list], dict[str, Any]]:
+    """The merge's grid and fixed parameters, every value checked while planning: an empty grid, a string
+    where a list belongs or a value out of range exits 2 before any delta is read."""
+    defaults = compose.algorithm_params("task_arithmetic" if algorithm == "negation" else algorithm)
+    grid, params = m.get("grid") or {}, m.get("params") or {}
+    for name, value in (("grid", grid), ("params", params)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"merge.{name} must be a mapping of {algorithm}'s parameters, got {shown(value)}; "
+                              f"its parameters: {', '.join(defaults)}")  # fmt: skip
+    for key in [*grid, *params]:
+        if key not in defaults:
+            raise ConfigError(f"merge: {algorithm} has no parameter {key!r}; its parameters: {', '.join(defaults)}")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            example = MERGE_VALUES.get(key, (None, None, 1.0))[2]
+            raise ConfigError(f"merge.grid.{key} must be a non-empty list of values, got {shown(values)}; "
+                              f"set merge.grid.{key}=[{example}], for example")  # fmt: skip
+        for i, value in enumerate(values):
+            _check_merge_value(f"merge.grid.{key}[{i}]", key, value, n_tasks, f"merge.grid.{key}=[{{}}]")
+    for key, value in params.items():
+        _check_merge_value(f"merge.params.{key}", key, value, n_tasks, f"merge.params.{key}={{}}")
+    return {k: list(v) for k, v in grid.items()}, dict(params)
+
+
+def _check_merge_value(name: str, key: str, value: Any, n_tasks: int, setting: str) -> None:
+    """One value of the grid or the parameters; ``setting`` is the override that fixes it, ``{}`` its value."""
+    if key == "weights":  # one non-negative weight per task, a positive sum; null: uniform
+        uniform = f"[{','.join(['1'] * n_tasks)}]"
+        ok = value is None or (
+            isinstance(value, list)
+            and len(value) == n_tasks
+            and sum(x for x in value if isinstance(x, (int, float))) > 0
+        )
+        if not ok:
+            raise ConfigError(f"{name} must be one weight per task ({n_tasks}) with a positive sum, or null, got "
+                              f"{shown(value)}; set {setting.format(uniform)}, for example")  # fmt: skip
+        for i, x in enumerate(value or []):
+            check_value(f"{name}[{i}]", x, low=0, fix=f"set {setting.format(uniform)}, for example")
+        return
+    if key in MERGE_VALUES:
+        kind, limits, example = MERGE_VALUES[key]
+        check_value(name, value, kind, **limits, fix=f"set {setting.format(shown(example))}, for example")
+
+
 def _merge_scores(compose, base, vectors, heads, tasks, params, identity, score) -> dict[str, float]:
     merged = compose.merge_vectors(vectors, identity["algorithm"], **params)
     model = compose.apply_vector(base, merged).eval()
@@ -272,6 +323,23 @@ def _negation_scores(compose, base, vectors, heads, tasks, params, identity, sco
     control = compose.put_head(compose.apply_vector(base, compose.add(minus, vectors[1])).eval(), heads[1])
     names = identity["tasks"]
     return {names[0]: score(target, tasks[0]), names[1]: score(control, tasks[1])}
+
+
+def _check_pool(plan: Plan, deltas, heads, vectors, classes: dict[str, int]) -> None:
+    """Every delta of the pool of the merge's method and backbone, one kind of object, and each head as wide as
+    its task has classes; otherwise a DataError naming the file."""
+    method = plan.identity["method"]
+    for p in ("tune", "final"):
+        for t, name, vector, head in zip(plan.extra["tasks"], plan.identity["tasks"], vectors[p], heads[p]):
+            if vector.method != method:
+                raise DataError(f"{deltas[t][p]} holds a {vector.method} delta, not {method}: the merge of {method} "
+                                f"needs its own runs; train {name} ({p}) with method={method} again")  # fmt: skip
+            width = {int(w.shape[0]) for w in head.values() if w.ndim == 2}
+            if width != {classes[t]}:
+                raise DataError(f"the head in {deltas[t][p]} has {', '.join(map(str, sorted(width))) or 'no'} "
+                                f"classes but {name} has {classes[t]}: it was trained on another task or class list; "
+                                f"train {name} ({p}) again")  # fmt: skip
+    compose.check_compatible([v for p in ("tune", "final") for v in vectors[p]])
 
 
 def _run_record(plan: Plan) -> dict[str, Any]:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import math
 import os
 import random
+import re
 from typing import Any
 
 import numpy as np
@@ -23,13 +23,24 @@ import vpeft
 from vpeft.backbones import backbone_from_config, create_backbone
 from vpeft.bench import BenchConfig, cost_summary
 from vpeft.config import check_keys
-from vpeft.data import check_task, load_task
+from vpeft.data import check_task, data_digest, load_task
 from vpeft.engine import TrainConfig, param_groups, train
-from vpeft.errors import ConfigError
+from vpeft.engine.loop import resolve_amp
+from vpeft.env import resolve_device
+from vpeft.errors import ConfigError, VpeftError, check_value, shown
 from vpeft.jobs.runner import Context, InputError, Job, Plan, hydra_overrides
 from vpeft.loggers import make_logger
 from vpeft.methods import METHODS
-from vpeft.results.record import SCHEMA_VERSION, backbone_id, config_hash, dataset_id, hashed_config, record_path
+from vpeft.results.record import (
+    SCHEMA_VERSION,
+    RecordError,
+    backbone_id,
+    compute_id,
+    config_hash,
+    dataset_id,
+    hashed_config,
+    record_path,
+)
 from vpeft.vtab import PROTOCOL_SPLITS, hparams_for
 
 log = logging.getLogger("vpeft")
@@ -52,21 +63,88 @@ def _trainer_config(trainer: dict[str, Any]) -> TrainConfig:
         raise ConfigError(f"trainer: {e}") from None
 
 
+SEED_RANGE = (0, 2**32 - 1)  # numpy's seed range; torch and Python's random take it too, so a seed means one thing
+DEVICES = "auto, cpu, cuda or cuda:N"
+LOGGERS = {"none": ("auto",), "wandb": ("auto", "online", "offline", "disabled")}  # name -> modes (conf/logger/)
+# dataset keys the dataset configs share, checked here; the task's own (root, name, id) where it is found
+DATASET_VALUES = {  # key: (kind, range, a valid value)
+    "download": ("bool", {}, True),
+    "subsample": ("bool", {}, True),
+    "split_seed": ("integer", {"low": SEED_RANGE[0], "high": SEED_RANGE[1]}, 0),
+    "n_train": ("integer", {"low": 1}, 800),
+    "n_val": ("integer", {"low": 1}, 200),
+    "test_size": ("integer", {"low": 1, "optional": True}, 2000),
+}
+
+
 def _check_values(resolved: dict[str, Any]) -> None:
-    """Values of the wrong kind fail here, named, before anything heavy starts."""
-    seed = resolved.get("seed")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed must be an integer, got {seed!r}")
-    for key in ("lr", "weight_decay"):
-        value = resolved["optim"].get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ConfigError(f"optim.{key} must be a finite number >= 0, got {value!r}")
-    if not resolved["optim"].get("lr", 1):
-        raise ConfigError("optim.lr must be positive, got 0")
-    if not isinstance(resolved["optim"].get("decay_1d", False), bool):
-        raise ConfigError(f"optim.decay_1d must be true or false, got {resolved['optim']['decay_1d']!r}")
+    """Every value the config gives, checked for kind and range before anything heavy starts: a wrong one exits 2
+    naming the key, the value, the valid range and the fix (TrainConfig, the method's Config and BenchConfig
+    check their own groups)."""
+    low, high = SEED_RANGE
+    check_value("seed", resolved.get("seed"), "integer", low=low, high=high, example=0)
+    for key in ("save_delta", "skip_finished"):
+        check_value(key, resolved.get(key, True), "bool", example=True)
+    check_value("jobs_per_gpu", resolved.get("jobs_per_gpu", 1), "integer", low=1, example=1)
+    device = resolved.get("device", "auto")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device must be {DEVICES}, got {shown(device)}; set device=auto")
+    hparams = resolved.get("hparams")
+    if hparams is not None and (not isinstance(hparams, str) or not hparams):
+        raise ConfigError(f"hparams must be a file path or null, got {shown(hparams)}; set hparams=PATH or drop it")
+    for key, value in (resolved.get("paths") or {}).items():
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"paths.{key} must be a folder path, got {shown(value)}; set paths.{key}=DIR")
+    logger = resolved.get("logger") or {}
+    name, mode = logger.get("name", "none"), logger.get("mode", "auto")
+    if mode not in LOGGERS.get(name, ()):
+        raise ConfigError(
+            f"logger.name={shown(name)} logger.mode={shown(mode)}: the loggers are none and wandb, wandb's modes "
+            "auto, online, offline or disabled; set logger=none or logger=wandb"
+        )
+    _check_optim(resolved["optim"])
+    bb = resolved["backbone"]
+    check_value("backbone.pretrained", bb.get("pretrained", True), "bool", example=True)
+    check_value("backbone.drop_path_rate", bb.get("drop_path_rate", 0.0), low=0, high=1, high_open=True, example=0.1)
+    for key, (kind, limits, example) in DATASET_VALUES.items():
+        if key in resolved["dataset"]:
+            check_value(f"dataset.{key}", resolved["dataset"][key], kind, **limits, example=example)
+    bench = resolved["bench"]
+    check_value("bench.only", bench.get("only", False), "bool", example=False)
+    check_value("bench.num_classes", bench.get("num_classes", 100), "integer", low=1, example=100)
+    BenchConfig.from_dict(bench, ignore=("only", "num_classes"))
+
+
+def _check_optim(optim: dict[str, Any]) -> None:
+    """The optimizer's values: vpeft's ranges for the usual ones, then the optimizer built once on a stand-in
+    parameter, so that whatever else it refuses (a value of another optimizer's kind) is refused now."""
+    check_value("optim.lr", optim.get("lr", 1e-3), low=0, low_open=True, example=1e-3)
+    if optim.get("weight_decay") is not None:
+        check_value("optim.weight_decay", optim["weight_decay"], low=0, example=1e-4)
+    check_value("optim.decay_1d", optim.get("decay_1d", False), "bool", example=False)
+    if "eps" in optim:
+        check_value("optim.eps", optim["eps"], low=0, low_open=True, example=1e-8)
+    if "momentum" in optim:
+        check_value("optim.momentum", optim["momentum"], low=0, high=1, high_open=True, example=0.9)
+    if "betas" in optim:
+        betas = optim["betas"]
+        pair = isinstance(betas, (list, tuple)) and len(betas) == 2
+        if not pair or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+            raise ConfigError(
+                f"optim.betas must be a pair of numbers in [0, 1), got {shown(betas)}; set optim.betas=[0.9,0.999]"
+            )
+    for key in ("nesterov", "amsgrad", "maximize"):
+        if key in optim:
+            check_value(f"optim.{key}", optim[key], "bool", example=False)
+    from hydra.utils import instantiate
+
+    cfg = {k: v for k, v in optim.items() if k != "decay_1d"}
+    try:
+        instantiate(cfg)([torch.nn.Parameter(torch.zeros(1))])
+    except Exception as e:  # torch's own checks, or an optimizer that does not import: named, with the values
+        cause = e.__cause__ or e
+        given = " ".join(f"optim.{k}={shown(v)}" for k, v in optim.items() if not k.startswith("_"))
+        raise ConfigError(f"optim: {str(optim.get('_target_'))} refuses {given}: {cause}") from None
 
 
 def _fields(cls: type) -> list[str]:
@@ -152,20 +230,35 @@ def plan_run(cfg: DictConfig) -> Plan:
     protocol = resolved["protocol"]
     if protocol not in PROTOCOL_SPLITS:
         raise ConfigError(f"protocol must be one of {', '.join(PROTOCOL_SPLITS)}, got {protocol!r}")
+    dataset = dataset_id(resolved["dataset"])
+    if resolved["dataset"].get("id") and (dataset.strip(".") == "" or "/" in dataset or os.sep in dataset):
+        raise ConfigError(
+            f"dataset.id names the record's folder under paths.results and cannot be a path, got {dataset!r}; "
+            "set a plain name such as dataset.id=my_task"
+        )
+    # the device the runner will take (in a sweep any GPU of the machine: only the type counts) and the precision
+    # training resolves on it: a bf16 GPU run is not its config's fp32 CPU run
+    device = resolve_device(str(resolved.get("device", "auto")))
+    compute = compute_id(device.type, resolve_amp(trainer.amp, device))
     ident = {
         "method": method.name,
-        "dataset": dataset_id(resolved["dataset"]),
+        "dataset": dataset,
         "backbone": backbone_id(resolved["backbone"]),
         "protocol": protocol,
         "seed": int(resolved["seed"]),
-        "config_hash": config_hash(hashed_config(resolved)),
+        "compute": compute,
+        "config_hash": config_hash(hashed_config(resolved, compute)),
     }
+    try:
+        path = record_path(resolved["paths"]["results"], ident)
+    except RecordError as e:
+        raise ConfigError(f"{e}: dataset.id, backbone.name and method.name must be plain names") from None
     return Plan(
         cfg=cfg,
         resolved=resolved,
         overrides=overrides,
         identity=ident,
-        record_path=record_path(resolved["paths"]["results"], ident),
+        record_path=path,
         extra={"method_config": method.config_dict()},
     )
 
@@ -190,10 +283,44 @@ class TrainJob(Job):
         top1 = record["metrics"].get("top1")
         return f"top-1 {top1:.2f}%" if isinstance(top1, (int, float)) else "no top-1"
 
-    def lacks(self, record: dict[str, Any], plan: Plan) -> str | None:
-        """With save_delta, a finished run whose delta file is gone (or was never written) trains again."""
-        if record.get("status") != "ok" or not plan.cfg.save_delta:
+    def dataset_args(self, plan: Plan) -> tuple[str, dict[str, Any]]:
+        """The dataset's name and where ``load_task`` finds it, as the run reads them."""
+        r = plan.resolved
+        ds = dict(r["dataset"])
+        name = ds.pop("name")
+        ds.pop("id", None)
+        where = {
+            "root": ds.pop("root", None),
+            "vtab_root": r["paths"]["vtab_root"],
+            "download_root": r["paths"]["data_root"],
+            "cache_dir": os.path.join(r["paths"]["cache"], "data"),
+            **ds,
+        }
+        return name, where
+
+    def data_changed(self, record: dict[str, Any], plan: Plan) -> str | None:
+        """Why a finished run trains again when its recorded data digest differs from its data's now; else None."""
+        recorded = (record.get("data") or {}).get("digest")
+        if not recorded:  # a record from before data digests: kept
             return None
+        name, where = self.dataset_args(plan)
+        try:
+            current = data_digest(name, plan.identity["protocol"], **where)  # stat calls and list files only
+        except (VpeftError, OSError):  # unreadable now: nothing says it changed, and the record stays
+            return None
+        if current == recorded:
+            return None
+        source = record.get("data_source")
+        return f"its data changed since: digest {recorded[:12]} recorded, {current[:12]} now ({source})"
+
+    def lacks(self, record: dict[str, Any], plan: Plan) -> str | None:
+        """A finished run trains again when its data changed since, or, with save_delta, when its delta file is
+        gone (or was never written)."""
+        if record.get("status") != "ok":
+            return None
+        changed = self.data_changed(record, plan)
+        if changed or not plan.cfg.save_delta:
+            return changed
         name = record.get("delta_file")
         if not name:
             return "its record has no delta file (save_delta=true)"
@@ -208,16 +335,7 @@ class TrainJob(Job):
         seed = plan.identity["seed"]
         protocol = plan.identity["protocol"]
         seed_everything(seed)
-        ds = dict(r["dataset"])
-        name = ds.pop("name")
-        ds.pop("id", None)
-        where = {
-            "root": ds.pop("root", None),
-            "vtab_root": r["paths"]["vtab_root"],
-            "download_root": r["paths"]["data_root"],
-            "cache_dir": os.path.join(r["paths"]["cache"], "data"),
-            **ds,
-        }
+        name, where = self.dataset_args(plan)
         check_task(name, protocol, **where)  # a wrong folder fails now, not after the backbone's download
         bb_cfg = r["backbone"]
         bb = backbone_from_config(bb_cfg, num_classes=0)
@@ -230,6 +348,7 @@ class TrainJob(Job):
             "n_train": len(task.train.labels),
             "n_eval": len(task.eval.labels),
             "num_classes": task.num_classes,
+            "digest": task.digest,  # a later run of this plan trains again when the data's digest differs
             "input_size": list(bb.input_size),
             "mean": list(bb.mean),
             "std": list(bb.std),

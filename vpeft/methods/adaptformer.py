@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from timm.models.vision_transformer import Block
@@ -26,6 +27,10 @@ class AdaptFormerConfig(MethodConfig):
             f"adaptformer bottleneck must be a positive integer, got {self.bottleneck!r}",
         )
         check(0 <= self.dropout < 1, f"adaptformer dropout must be in [0, 1), got {self.dropout!r}")
+        check(
+            math.isfinite(self.scale) and self.scale > 0,
+            f"adaptformer scale must be a finite number > 0, got {self.scale!r}",
+        )
 
 
 class AdaptFormerBlock(nn.Module):

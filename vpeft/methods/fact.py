@@ -55,6 +55,9 @@ class FacTConfig(MethodConfig):
             f"fact rank must be a positive integer, got {self.rank!r}",
         )
         check(0 <= self.dropout < 1, f"fact dropout must be in [0, 1), got {self.dropout!r}")
+        check(
+            math.isfinite(self.scale) and self.scale > 0, f"fact scale must be a finite number > 0, got {self.scale!r}"
+        )
 
 
 def _linear_init(t: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ Two ways to adapt attention's fused ``attn.qkv`` (one Linear d -> 3d in timm):
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -43,6 +44,10 @@ class LoRAConfig(MethodConfig):
         self.alpha = float(self.r if self.alpha is None else self.alpha)
         check(isinstance(self.r, int) and self.r > 0, f"lora r must be a positive integer, got {self.r!r}")
         check(0 <= self.dropout < 1, f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        check(
+            math.isfinite(self.alpha) and self.alpha > 0,
+            f"lora alpha must be a finite number > 0 (the update's scale is alpha / r), got {self.alpha!r}",
+        )
         check(len(self.targets) > 0, f"lora targets must name at least one of {list(TARGETS)}")
         check(len(set(self.targets)) == len(self.targets), f"lora targets repeat a name: {list(self.targets)}")
         for t in self.targets:

@@ -20,6 +20,7 @@ model is the plain backbone again.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -51,6 +52,10 @@ class RepAdapterConfig(MethodConfig):
         )
         check(self.dim % self.groups == 0, f"repadapter dim ({self.dim}) must be a multiple of groups ({self.groups})")
         check(0 <= self.dropout < 1, f"repadapter dropout must be in [0, 1), got {self.dropout!r}")
+        check(
+            math.isfinite(self.scale) and self.scale > 0,
+            f"repadapter scale must be a finite number > 0, got {self.scale!r}",
+        )
 
 
 class RepAdapter(OutputDelta):
