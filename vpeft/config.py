@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -36,3 +37,5 @@ def vpt_prompt_tokens(task: str, default: int = 10) -> int:
 
 if not OmegaConf.has_resolver("vpeft.vpt_tokens"):
     OmegaConf.register_new_resolver("vpeft.vpt_tokens", vpt_prompt_tokens)
+if not OmegaConf.has_resolver("vpeft.pid"):  # hydra.run.dir and hydra.sweep.dir: cached, so every job of a sweep
+    OmegaConf.register_new_resolver("vpeft.pid", os.getpid, use_cache=True)  # names its folder as the sweep did

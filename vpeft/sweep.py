@@ -1,20 +1,303 @@
-"""Sweeps on SLURM: ``hydra/launcher=slurm`` (hydra_plugins/vpeft_slurm.py) runs a sweep as one job array.
+"""Sweeps (``run.py -m``): every job checked before any starts, a stop that stops them all, the summary, and SLURM.
+
+``VpeftSweeper`` (hydra_plugins/vpeft_sweeper.py, Hydra's sweeper here: conf/hydra/sweeper/vpeft.yaml) runs
+``sweep``: it composes every job's config before any job starts, so that a typo in one value (``method=lora,lorra``)
+refuses that job with the fix while the others run; it writes the sweep's jobs to ``vpeft_sweep.json`` in the sweep
+folder; and on SIGTERM or Ctrl-C it writes ``vpeft_stopped`` there, which every job of the sweep heeds wherever it
+runs (this process, a joblib worker, a submitit job): a running job records ``interrupted``, a job not started does
+not start. ``SweepSummary`` (a Hydra callback) then says which jobs finished, failed, were interrupted, had bad input
+or never ran, and sets the exit status. ``hydra/launcher=slurm`` (hydra_plugins/vpeft_slurm.py) runs a sweep as
+one job array through ``launch_slurm``.
 
 The VTAB-1k protocol's selection step (``select_hparams``, the hyperparameter files) is in ``vpeft.vtab``.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import logging
 import os
-from collections.abc import Sequence
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+import vpeft.config  # noqa: F401  (registers the resolvers: the sweep folder's name has ${vpeft.pid:})
 from vpeft.files import write_json_atomic
-from vpeft.jobs.runner import STATUS_FILE
+from vpeft.jobs.runner import STATUS_FILE, Terminated, mark_entered
+
+__all__ = ["PLAN_FILE", "STATUS_FILE", "STOP_FILE", "SweepSummary", "SweepTask", "launch_slurm", "summarize", "sweep"]
 
 _log = logging.getLogger("vpeft.sweep")
+PLAN_FILE = "vpeft_sweep.json"  # the sweep's jobs (number and overrides) and the values refused before it started
+STOP_FILE = "vpeft_stopped"  # the signal that stopped the sweep; no job of the sweep starts once it exists
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+# -- the sweep -----------------------------------------------------------------------------------------------------
+
+
+def sweep(sweeper: Any, arguments: list[str]) -> list[Any]:
+    """Hydra's basic sweep (every combination, in batches) with each job checked first and a stop that stops.
+
+    Every job's config is composed before any job starts (Hydra does so too, but one failure ends the whole sweep):
+    a job whose config cannot be composed is bad input, named with the fix, and the others run. SIGTERM or Ctrl-C
+    stops the sweep: no further job starts, the running ones record ``interrupted``, and the summary follows.
+    """
+    from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    loader = sweeper.hydra_context.config_loader
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides([*sweeper._parse_config(), *arguments])
+    sweep_dir = Path(str(sweeper.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(sweeper.config, sweep_dir / "multirun.yaml")
+    for stale in [sweep_dir / STOP_FILE, *sweep_dir.glob(f"*/{STATUS_FILE}")]:  # a sweep run again in its folder
+        stale.unlink(missing_ok=True)
+    batches, refused = [], []
+    for batch in sweeper.split_arguments(parsed, sweeper.max_batch_size):
+        valid = []
+        for overrides in batch:
+            error = _config_error(loader, sweeper.config, list(overrides))
+            if error is None:
+                valid.append(list(overrides))
+            else:
+                _log.error("bad input, not started: %s: %s", " ".join(overrides), error)
+                refused.append({"status": "bad_input", "overrides": list(overrides), "error": error})
+        if valid:
+            batches.append(valid)
+    planned = [{"num": n, "overrides": o} for n, o in enumerate(o for batch in batches for o in batch)]
+    write_json_atomic(sweep_dir / PLAN_FILE, {"jobs": planned, "bad_input": refused})
+
+    stop = _Stop(sweep_dir, in_process=isinstance(sweeper.launcher, BasicLauncher))
+    returns, num = [], 0
+    with stop.handled():
+        try:
+            for batch in batches:
+                if stop.signum is not None:
+                    break
+                results = sweeper.launcher.launch(batch, initial_job_idx=num)
+                for r in results:
+                    _ = r.return_value  # a job that raised: its error ends the sweep, as in Hydra's sweeper
+                returns.append(results)
+                num += len(batch)
+        except KeyboardInterrupt as e:  # the in-process job's own handler saw the signal first
+            stop.stop(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+        except Exception as e:
+            if stop.signum is None:
+                raise
+            _log.warning("the launcher ended after the stop: %s: %s", type(e).__name__, e)  # a worker Ctrl-C killed
+    return returns
+
+
+def _config_error(loader: Any, config: DictConfig, overrides: list[str]) -> str | None:
+    """Why a job's config cannot be composed (with the valid options for a config group), or None."""
+    try:
+        loader.load_sweep_config(config, overrides)
+        return None
+    except Exception as e:
+        why = " ".join(str(e).strip().split("\n")[:2])  # Hydra's message and its advice, without the search path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for o in OverridesParser.create().parse_overrides(overrides):
+        value = o.value()
+        if o.is_delete() or not isinstance(value, str):
+            continue
+        group = o.key_or_group
+        options = sorted(loader.get_group_options(group))
+        if options and value not in options:
+            close = difflib.get_close_matches(value, options, n=1)
+            hint = f"; did you mean {group}={close[0]}?" if close else ""
+            return f"unknown {group}={value}{hint} ({group} options: {', '.join(options)})"
+    return f"configuration error: {why}"
+
+
+class _Stop:
+    """The sweep's stop: the first SIGTERM or Ctrl-C writes the stop file (every job heeds it) and, where the jobs
+    run in this process, interrupts the running one; repeats (schedulers send more than one) are ignored."""
+
+    def __init__(self, sweep_dir: Path, in_process: bool) -> None:
+        self.file, self.in_process, self.signum = sweep_dir / STOP_FILE, in_process, None
+
+    def stop(self, signum: int) -> None:
+        if self.signum is None:
+            self.signum = signum
+            write_json_atomic(self.file, {"signal": signal.Signals(signum).name})
+            _log.warning("%s: the sweep stops; running jobs record interrupted, no other job starts",
+                         signal.Signals(signum).name)  # fmt: skip
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            return
+        self.stop(signum)
+        if self.in_process:  # the running job (if any) records interrupted; the sweep's loop ends
+            raise Terminated(f"terminated by signal {signal.Signals(signum).name}") if signum != signal.SIGINT else (
+                KeyboardInterrupt())  # fmt: skip
+
+    @contextmanager
+    def handled(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            if self.signum is None:  # a stopped sweep keeps ignoring repeats while it sums up
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+
+class SweepTask:
+    """The task function as the sweep's jobs run it, wherever they run: a job of a stopped sweep does not start, and
+    one that runs when the sweep is stopped gets the sweep's signal within half a second (its record: interrupted).
+
+    Out of the sweep's process (a joblib worker, a submitit job) an interruption the sweep asked for ends the job
+    with a result, so the launcher neither aborts the other workers nor kills them mid-record; SLURM's own notice
+    of a time limit or a preemption (no stop file) still ends the job without one, as ``launch_slurm`` expects.
+    """
+
+    def __init__(self, task: Callable[[DictConfig], Any], sweep_dir: str | Path) -> None:
+        self.task, self.stop_file, self.sweep_pid = task, Path(sweep_dir) / STOP_FILE, os.getpid()
+
+    def __call__(self, cfg: DictConfig) -> Any:
+        if self.stop_file.exists():
+            return None  # the summary counts it as not run
+        if os.getpid() == self.sweep_pid or threading.current_thread() is not threading.main_thread():
+            return self.task(cfg)  # the sweep's own handler reaches it
+        running, raised = [True], [False]
+
+        def on_signal(signum: int, frame: Any) -> None:  # between the job's own handlers: raise once, while it runs
+            if running[0] and not raised[0]:
+                raised[0] = True
+                if signum == signal.SIGINT:
+                    raise KeyboardInterrupt
+                raise Terminated(f"terminated by signal {signal.Signals(signum).name}")
+
+        previous = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+        done = threading.Event()
+        watcher = threading.Thread(target=self._watch, args=(done,), name="vpeft-sweep-stop", daemon=True)
+        watcher.start()
+        try:
+            return self.task(cfg)
+        except KeyboardInterrupt as e:
+            if isinstance(e, Terminated) and not self.stop_file.exists():
+                raise
+            return None  # the job recorded it; the sweep is stopping
+        finally:
+            running[0] = False
+            done.set()
+            watcher.join()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _watch(self, done: threading.Event) -> None:
+        while not done.wait(0.5):
+            if self.stop_file.exists():
+                try:
+                    name = json.loads(self.stop_file.read_text())["signal"]
+                except (OSError, ValueError, KeyError):
+                    name = "SIGTERM"
+                os.kill(os.getpid(), signal.Signals[name])
+                return
+
+
+# -- the summary ---------------------------------------------------------------------------------------------------
+
+
+def summarize(sweep_dir: str | Path) -> dict[str, Any]:
+    """Every job of a sweep folder, from its plan and the jobs' status files (any launcher, on a shared disk)."""
+    sweep_dir = Path(sweep_dir)
+    plan = _read_json(sweep_dir / PLAN_FILE)
+    reported, unnumbered = {}, []
+    for path in sorted(sweep_dir.glob(f"*/{STATUS_FILE}")):
+        job = _read_json(path)
+        if job is not None:
+            (unnumbered.append(job) if job.get("num") is None else reported.setdefault(job["num"], job))
+    if plan is None:  # a folder from before the plan existed: its status files are all there is
+        jobs = [*reported.values(), *unnumbered]
+    else:
+        jobs = [reported.get(j["num"]) or {"status": "not_run", "overrides": j["overrides"]} for j in plan["jobs"]]
+        jobs += plan.get("bad_input", [])
+    stopped = (_read_json(sweep_dir / STOP_FILE) or {}).get("signal")
+    count = {s: sum(j["status"] == s for j in jobs) for s in ("ok", "failed", "interrupted", "bad_input", "not_run")}
+    return {
+        "jobs": len(jobs),
+        **count,
+        "skipped": sum(bool(j.get("skipped")) for j in jobs),
+        "stopped": stopped,
+        "finished": [j for j in jobs if j["status"] == "ok"],
+        "failures": [j for j in jobs if j["status"] in ("failed", "interrupted")],
+        "bad_input": [j for j in jobs if j["status"] == "bad_input"],
+        "not_run": [j for j in jobs if j["status"] == "not_run"],
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class SweepSummary(Callback):
+    """Sums the sweep up at its end and sets its exit status: 128 + the signal when it was stopped (143: SIGTERM,
+    130: Ctrl-C); else 2 when any job had bad input (no record: fix the input and run the sweep again); else 1
+    when any failed, was interrupted or did not run."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        mark_entered()  # from here on an exit 1 is the sweep's verdict, not a config error
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        s = summarize(config.hydra.sweep.dir)
+        bad, not_run, stopped = s["bad_input"], s["not_run"], s["stopped"]
+        _overrides = _swept([*s["finished"], *s["failures"], *bad, *not_run])
+        print(
+            f"sweep: {s['jobs']} runs: {s['ok']} ok ({s['skipped']} skipped as already finished), "
+            f"{s['failed']} failed, {s['interrupted']} interrupted"
+            + (f", {len(bad)} bad input (no record; fix the input and run the sweep again)" if bad else "")
+            + (f", {len(not_run)} not run" if not_run else "")
+            + (f" (stopped by {stopped})" if not_run and stopped else ""),
+            flush=True,
+        )
+        if stopped:  # which runs are done and which are not, so that the rest can be run again
+            for job in s["finished"]:
+                print(f"  ok: {_overrides(job)}")
+        for job in s["failures"]:
+            record = f" ({job['record']})" if job.get("record") else ""
+            print(f"  {job['status']}: {_overrides(job)}{record}: {(job.get('error') or '')[:200]}")
+        by_error: dict[str, list[str]] = {}
+        for job in bad:  # one error (no network, say) often stops many jobs: it is said once, with its jobs
+            by_error.setdefault(job.get("error") or "", []).append(_overrides(job))
+        for error, jobs in by_error.items():
+            print(f"  bad input ({len(jobs)} {'run' if len(jobs) == 1 else 'runs'}): {error}")
+            for overrides in jobs:
+                print(f"    {overrides}")
+        if not_run:
+            why = f"stopped by {stopped} before they started" if stopped else "no status from their jobs"
+            print(f"  not run ({why}; the same command runs them, finished runs are skipped):")
+            for job in not_run:
+                print(f"    {_overrides(job)}")
+        sys.stdout.flush()
+        if stopped:
+            raise SystemExit(128 + signal.Signals[stopped])
+        if bad or s["failures"] or not_run:
+            raise SystemExit(2 if bad else 1)
+
+
+def _swept(jobs: list[dict[str, Any]]) -> Callable[[dict[str, Any]], str]:
+    """A job's overrides as the summary names it: those the sweep's jobs do not all share (``method=lora seed=1``)."""
+    shared = set.intersection(*(set(j.get("overrides") or []) for j in jobs)) if len(jobs) > 1 else set()
+    return lambda job: " ".join(o for o in job.get("overrides") or [] if o not in shared)
+
 
 # -- SLURM ---------------------------------------------------------------------------------------------------------
 # hydra-submitit-launcher as is asks `sacct` for job states, which many small clusters cannot answer
@@ -165,7 +448,7 @@ def _status_without_result(launcher: Any, overrides: list[str], idx: int, job: A
         return
     word = (state.upper().split() or [""])[0]
     write_json_atomic(path, {
-        "status": "interrupted" if word in _INTERRUPTED or never_started else "failed", "skipped": False,
+        "status": "interrupted" if word in _INTERRUPTED or never_started else "failed", "skipped": False, "num": idx,
         "record": None,
         "overrides": list(overrides),
         "error": f"SLURM job {job.job_id} ended ({state}) before its run recorded anything: {why or log_file}",
