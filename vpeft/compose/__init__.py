@@ -21,12 +21,14 @@ from vpeft.compose.merging import (
     weighted_average,
 )
 from vpeft.compose.vectors import (
+    SPACE_MEANINGS,
     SPACES,
     LowRank,
     TaskDelta,
     TaskVector,
     add,
     check_compatible,
+    identity_values,
     negate,
     read_task,
     scale,
@@ -36,6 +38,7 @@ from vpeft.compose.vectors import (
 
 __all__ = [
     "ALGORITHMS",
+    "SPACE_MEANINGS",
     "SPACES",
     "IncompatibleDeltasError",
     "LowRank",
@@ -47,6 +50,7 @@ __all__ = [
     "algorithm_params",
     "apply_vector",
     "check_compatible",
+    "identity_values",
     "dare",
     "dare_task_arithmetic",
     "dare_ties",

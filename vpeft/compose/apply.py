@@ -48,7 +48,8 @@ def apply_vector(backbone: nn.Module, vector: TaskVector, inplace: bool = False)
 
     Weight space: every parameter becomes base + change (computed in float32, stored in the parameter's
     dtype); the result is a plain timm model, as ``vpeft.merge`` gives. Delta space: the vector's method
-    is applied with its config and its tensors loaded as the delta. The classifier is the backbone's
+    is applied with its config and its tensors, added to its origin (the method's identity), loaded as the
+    delta. The classifier is the backbone's
     until ``put_head`` sets a task's.
     """
     if applied_method(backbone) is not None:
@@ -64,7 +65,8 @@ def apply_vector(backbone: nn.Module, vector: TaskVector, inplace: bool = False)
         if vector.config is None:
             raise VpeftError("a delta-space vector needs its method's config")
         apply_method(model, vector.method, **vector.config)
-        load_body(model, vector.tensors, ", ".join(vector.sources) or "the task vector")
+        body = {k: t + vector.origin[k].to(t.device) if k in vector.origin else t for k, t in vector.tensors.items()}
+        load_body(model, body, ", ".join(vector.sources) or "the task vector")
         return model
     heads = {n for n, _ in head_parameters(model)}
     with torch.no_grad():

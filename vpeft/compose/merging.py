@@ -105,9 +105,8 @@ def elect_and_merge(vectors: Sequence[TaskVector]) -> TaskVector:
         count = agree.sum(dim=0).clamp(min=1)
         out[name] = torch.where(agree, stacked, torch.zeros_like(stacked)).sum(dim=0) / count
     first = vectors[0]
-    return TaskVector(
-        first.space, first.method, out, {}, first.config, first.backbone, tuple(s for v in vectors for s in v.sources)
-    )
+    sources = tuple(s for v in vectors for s in v.sources)
+    return TaskVector(first.space, first.method, out, {}, first.config, first.backbone, sources, first.origin)
 
 
 def ties(vectors: Sequence[TaskVector], density: float = 0.2, lam: float = 1.0) -> TaskVector:
@@ -158,7 +157,9 @@ def dare_task_arithmetic(
 def dare_ties(
     vectors: Sequence[TaskVector], drop: float = 0.9, density: float = 0.2, lam: float = 1.0, seed: int = 0
 ) -> TaskVector:
-    """DARE on each vector, then TIES-merging (Yu et al., ICML 2024, sec. 4); ``density=1`` skips TIES's trim."""
+    """DARE on each vector, then TIES-merging with its trim (Yu et al., ICML 2024, sec. 4), as the authors'
+    code runs it (yule-BUAA/MergeLM: mask_merging over ties_merging, param_value_mask_rate 0.8 by default,
+    density 0.2); ``density=1`` skips the trim, which leaves DARE and TIES's sign election only."""
     vectors = list(vectors)
     check_compatible(vectors)
     return ties(dare_all(vectors, drop, seed), density, lam)

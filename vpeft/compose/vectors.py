@@ -8,6 +8,12 @@ so sums of LoRA vectors stay low-rank and exact. For every method the delta's ow
 adapter weights, LoRA's A and B) form a second space, ``"delta"``: combining there is a different
 operation (averaging two prompt sets is not adding two weight updates), so every vector says which
 space it lives in and the two never mix.
+
+In delta space a vector is the change from the method's identity, ``tau = theta - theta_id``, where
+``theta_id`` is the value at which the delta leaves the backbone unchanged (``Delta.identity_values``:
+1 for IA3's and SSF's scales, DoRA's magnitudes at the backbone's row norms, 0 for everything else), and
+a merged vector is applied as ``theta_id + tau``. Task arithmetic of IA3 vectors thus adds the changes
+``l - 1`` (the TIES paper's convention for IA3), not the raw scales, which would sum to about N.
 """
 
 from __future__ import annotations
@@ -37,11 +43,17 @@ from vpeft.core import (
 )
 from vpeft.core import merge as merge_model
 from vpeft.errors import ConfigError, NotMergeableError, UnknownNameError, UnsupportedModelError, VpeftError
-from vpeft.layers import LoRA, attached, detach
+from vpeft.layers import Delta, LoRA, attached, detach
 from vpeft.methods import METHODS, mergeable_methods
 from vpeft.methods._base import head_parameters
 
 SPACES = ("delta", "weights")
+# what a vector of each space holds, for records and pages
+SPACE_MEANINGS = {
+    "weights": "the change merging the delta makes to the backbone's weights",
+    "delta": "the delta's own tensors as changes from the method's identity (1 for IA3 and SSF scales, "
+    "0 for shifts, factors, adapters and prompts), merged and added back to it",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,12 +151,15 @@ class TaskVector:
     config: Mapping[str, Any] | None = None
     backbone: str | None = None
     sources: tuple[str, ...] = ()
+    origin: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # delta space: theta_id (absent: 0)
 
     def __post_init__(self):
         if self.space not in SPACES:
             raise UnknownNameError("task vector space", self.space, SPACES)
         if self.low_rank and self.space != "weights":
             raise VpeftError("low-rank factors belong to weight-space vectors only")
+        if self.origin and self.space != "delta":
+            raise VpeftError("an origin (the method's identity values) belongs to delta-space vectors only")
 
     def keys(self) -> list[str]:
         return sorted(set(self.tensors) | set(self.low_rank))
@@ -243,7 +258,8 @@ def add(a: TaskVector, b: TaskVector) -> TaskVector:
     for name, f in b.low_rank.items():
         low_rank[name] = low_rank[name] + f if name in low_rank else f
     config = a.config if dict(a.config or {}) == dict(b.config or {}) else None
-    return TaskVector(a.space, a.method, tensors, low_rank, config, a.backbone or b.backbone, (*a.sources, *b.sources))
+    sources = (*a.sources, *b.sources)
+    return TaskVector(a.space, a.method, tensors, low_rank, config, a.backbone or b.backbone, sources, a.origin)
 
 
 def negate(v: TaskVector) -> TaskVector:
@@ -316,6 +332,22 @@ def load_body(model: nn.Module, body: Mapping[str, torch.Tensor], source: str) -
             p.copy_(t)
 
 
+def identity_values(
+    backbone: nn.Module, method: str, config: Mapping[str, Any], names: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """The method's identity value of each delta tensor in ``names`` that has a non-zero one, float32 on the
+    backbone's device: read from the method's layers (``Delta.identity_values``) applied to a copy of ``backbone``."""
+    model = apply_method(copy.deepcopy(backbone), method, **config)
+    out = {}
+    for path, module in model.named_modules():
+        if isinstance(module, Delta):
+            for leaf, value in module.identity_values().items():
+                key = f"{path}.{leaf}" if path else leaf
+                if key in names:
+                    out[key] = value.detach().to(torch.float32).clone()
+    return out
+
+
 def task_vector(
     delta: TaskDelta | str | os.PathLike, backbone: nn.Module, space: str = "weights", factored: bool = True
 ) -> TaskVector:
@@ -323,8 +355,9 @@ def task_vector(
 
     ``space="weights"``: for mergeable methods, the change merging makes to each backbone parameter
     (merged minus base, float32; parameters left unchanged are omitted), LoRA's as its factors when
-    ``factored`` (exactly the update merging adds). ``space="delta"``: the delta's own tensors. The
-    head is never part of the vector (``task_head`` gives it). ``backbone`` is not modified.
+    ``factored`` (exactly the update merging adds). ``space="delta"``: the delta's own tensors minus the
+    method's identity values (``identity_values``), kept as the vector's ``origin``. The head is never
+    part of the vector (``task_head`` gives it). ``backbone`` is not modified.
     """
     if space not in SPACES:
         raise UnknownNameError("task vector space", space, SPACES)
@@ -334,8 +367,9 @@ def task_vector(
     name = delta.backbone or backbone_name(backbone)
     device = next(backbone.parameters()).device
     if space == "delta":
-        tensors = {k: v.detach().to(device=device, dtype=torch.float32) for k, v in body.items()}
-        return TaskVector("delta", delta.method, tensors, {}, dict(delta.config), name, (delta.source,))
+        origin = identity_values(backbone, delta.method, delta.config, body)
+        tensors = {k: v.detach().to(device=device, dtype=torch.float32) - origin.get(k, 0.0) for k, v in body.items()}
+        return TaskVector("delta", delta.method, tensors, {}, dict(delta.config), name, (delta.source,), origin)
     method = METHODS.get(delta.method)
     if not method.mergeable:
         raise NotMergeableError(

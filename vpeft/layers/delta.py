@@ -27,6 +27,11 @@ class Delta(nn.Module):
     def delta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return self.named_parameters()
 
+    def identity_values(self) -> dict[str, torch.Tensor]:
+        """Each parameter's value (by its name here) at which the layer leaves its host unchanged, where that is
+        not zero (a scale's one): delta-space merging combines the changes from these values."""
+        return {}
+
 
 class OutputDelta(Delta):
     """A delta that rewrites the output of the layer it is attached to."""

@@ -8,7 +8,10 @@ without its skip connection),
 
 so the trained adapters stay untouched and a new task learns only which of them to read. Q and K
 start random, V at the identity (ones on the diagonal, 1e-6 elsewhere, as the authors' code), so
-at init the block adds a mixture of the adapters' own updates.
+at init the block adds a mixture of the adapters' own updates. The authors' code (AdapterHub's
+adapter-transformers and adapters, ``get_fusion_regularization_loss``, on by default through the fusion
+config's ``regularization``) adds ``0.01 * ||I - V||^2`` (squared Frobenius norm) per fusion layer to
+the training loss, keeping V near the identity: ``AdapterFusion.value_penalty``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from vpeft.layers.adapter import ACTIVATIONS
 from vpeft.layers.delta import OutputDelta
 
 VALUE_OFF_DIAGONAL = 1e-6  # the authors' code initialises V to this with ones on the diagonal
+VALUE_REG_WEIGHT = 0.01  # the authors' code: reg_loss += 0.01 * (I - V).pow(2).sum() per fusion layer
 
 
 class FrozenAdapter(nn.Module):
@@ -71,6 +75,11 @@ class AdapterFusion(OutputDelta):
         for name in ("query", "key", "value"):
             for pname, p in getattr(self, name).named_parameters():
                 yield f"{name}.{pname}", p
+
+    def value_penalty(self) -> torch.Tensor:
+        """``0.01 * ||I - V||_F^2``: AdapterHub's regulariser of the value matrix, float32."""
+        v = self.value.weight.float()
+        return VALUE_REG_WEIGHT * (torch.eye(v.shape[0], device=v.device) - v).pow(2).sum()
 
     def attention(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """The fusion weights ``s`` ``(..., N)`` given the outputs ``h`` ``(..., d)`` and ``z`` ``(..., N, d)``."""

@@ -44,6 +44,9 @@ class Rescale(OutputDelta):
     def forward(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out * self.scale().to(out.dtype)
 
+    def identity_values(self) -> dict[str, torch.Tensor]:
+        return {name: torch.ones_like(getattr(self, name)) for name in self.segments}
+
     def extra_repr(self) -> str:
         return f"features={self.features}, segments={self.segments}"
 

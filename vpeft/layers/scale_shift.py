@@ -22,6 +22,9 @@ class ScaleShift(OutputDelta):
         elif init != "identity":
             raise ValueError(f"init must be 'normal' or 'identity', got {init!r}")
 
+    def identity_values(self) -> dict[str, torch.Tensor]:
+        return {"scale": torch.ones_like(self.scale)}  # the shift's is zero
+
     def _view(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
         if self.channel_axis in (-1, ndim - 1):
             return t

@@ -4,10 +4,12 @@ Zhang et al., "Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning", 
 (arXiv:2303.10512), its reference code (github.com/QingruZhang/AdaLoRA, ``loralib/loralib/adalora.py``)
 and Hugging Face peft's port (``peft.tuners.adalora``), which this follows where the paper is silent.
 
-* Each adapted matrix gets ``W0 + P diag(lambda) Q * alpha / r`` (eq. 1), ``P`` ``[out, r]`` and ``Q``
-  ``[r, in]`` Gaussian (std 0.02), ``lambda`` zero, so the model is the backbone at init; ``r`` is
-  ``init_r``. The targets are LoRA's (``vpeft.methods.lora``); the paper adapts every weight matrix
-  (q, k, v, o, fc1, fc2), the default here.
+* Each adapted matrix gets ``W0 + P diag(lambda) Q * alpha / (r + 1e-5)`` (eq. 1 with the reference
+  code's scale: loralib's ``SVDLinear`` and peft's ``AdaLoraLayer`` multiply by ``lora_alpha`` and divide
+  by ``ranknum + 1e-5``, ``ranknum`` the initial rank, fixed), ``P`` ``[out, r]`` and ``Q`` ``[r, in]``
+  Gaussian (std 0.02), ``lambda`` zero, so the model is the backbone at init; ``r`` is ``init_r``. The
+  targets are LoRA's (``vpeft.methods.lora``); the paper adapts every weight matrix (q, k, v, o, fc1,
+  fc2), the default here.
 * Orthogonality regulariser added to the loss: ``orth_reg_weight`` times the mean over all ``P`` and
   ``Q`` of ``||P^T P - I||_F`` and ``||Q Q^T - I||_F``, as the reference code and peft compute it
   (eq. 4 writes the squared norms, summed).
@@ -21,12 +23,13 @@ and Hugging Face peft's port (``peft.tuners.adalora``), which this follows where
   ``total - tfinal`` the pattern is fixed and re-applied after every later step (peft).
 
 Pruned triplets are masked, not removed, so shapes (and parameter counts) stay those of ``init_r``;
-the final update ``P diag(lambda) Q * alpha / r`` merges into the weights like LoRA's.
+the final update ``P diag(lambda) Q * alpha / (r + 1e-5)`` merges into the weights like LoRA's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +41,14 @@ from vpeft.layers.delta import OutputDelta
 from vpeft.methods._base import Method, MethodConfig, check, register
 from vpeft.methods.lora import LoRAConfig, LoRAMethod
 
+RANKNUM_EPS = 1e-5  # loralib's and peft's ``scaling / (ranknum + 1e-5)``
+
 
 @dataclasses.dataclass
 class AdaLoRAConfig(MethodConfig):
     init_r: int = 12  # rank of every matrix at the start (peft's default; 1.5 x target_r as the paper)
     target_r: int = 8  # average rank per matrix the budget ends at
-    alpha: float | None = None  # None: alpha = init_r, so the update's scale alpha / init_r is 1
+    alpha: float | None = None  # the reference code's lora_alpha (its scripts: 16, 32); None: init_r (scale ~1)
     dropout: float = 0.0
     targets: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2")
     tinit: int = 0  # steps at the full budget before pruning starts
@@ -55,6 +60,10 @@ class AdaLoRAConfig(MethodConfig):
 
     def __post_init__(self):
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        if self.alpha is not None:
+            a = self.alpha
+            ok = isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and a > 0
+            check(ok, f"adalora alpha must be a positive number (or null for init_r), got {a!r}")
         self.alpha = float(self.init_r if self.alpha is None else self.alpha)
         for name in ("init_r", "target_r", "deltaT"):
             v = getattr(self, name)
@@ -75,13 +84,18 @@ class AdaLoRAConfig(MethodConfig):
             0 < self.beta1 < 1 and 0 < self.beta2 < 1,
             f"adalora beta1, beta2 must be in (0, 1), got {self.beta1}, {self.beta2}",
         )
-        check(self.orth_reg_weight >= 0, f"adalora orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+        check(
+            math.isfinite(self.orth_reg_weight) and self.orth_reg_weight >= 0,
+            f"adalora orth_reg_weight must be a finite number >= 0, got {self.orth_reg_weight!r}",
+        )
         check(0 <= self.dropout < 1, f"adalora dropout must be in [0, 1), got {self.dropout!r}")
         LoRAConfig(r=self.init_r, targets=self.targets)  # LoRA's checks of the targets
 
 
 class SVDUpdate(OutputDelta):
-    """``out[:, seg] += (x Q_seg^T diag(lambda_seg)) P_seg^T * alpha / r`` for each segment of one linear layer.
+    """``out[:, seg] += (x Q_seg^T diag(lambda_seg)) P_seg^T * alpha / (r + 1e-5)`` for each segment of one layer.
+
+    The scale is the reference code's ``lora_alpha / (ranknum + 1e-5)``, ``ranknum`` the initial rank.
 
     Parameters: ``P.<seg>`` ``[rows, r]``, ``E.<seg>`` ``[r]`` (the singular values lambda), ``Q.<seg>`` ``[r, in]``.
     """
@@ -90,7 +104,7 @@ class SVDUpdate(OutputDelta):
         super().__init__()
         dd = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.r = lora.in_features, lora.out_features, lora.r
-        self.scaling = alpha / lora.r
+        self.scaling = alpha / (lora.r + RANKNUM_EPS)
         self.segments = dict(lora.segments)
         self.dropout = lora.dropout
         segs = self.segments.items()
@@ -101,7 +115,7 @@ class SVDUpdate(OutputDelta):
             nn.init.normal_(p, mean=0.0, std=0.02)
 
     def delta_weight(self) -> torch.Tensor:
-        """The full-size update ``P diag(lambda) Q * alpha / r`` placed at each segment's rows (float32)."""
+        """The full-size update ``P diag(lambda) Q * scaling`` placed at each segment's rows (float32)."""
         w = self.P[next(iter(self.segments))].new_zeros(self.out_features, self.in_features, dtype=torch.float32)
         for s, (a, b) in self.segments.items():
             w[a:b] = (self.P[s].float() * self.E[s].float()) @ self.Q[s].float() * self.scaling

@@ -15,6 +15,10 @@ paper's section 3.1, stage two: the pretrained parameters and all adapters fixed
 the head learn), and N tasks' LayerNorms give no single one to use, so the fused model keeps the
 backbone's own LayerNorms, frozen: those tensors of the adapter files are read past, and the fusion's
 delta holds none.
+
+Regularisation: as AdapterHub's fusion configs (``regularization=True`` by default), each step's loss gets
+``0.01 * ||I - V||^2`` summed over the fusion layers, which keeps every value matrix near the identity it
+starts at; ``regularization: false`` trains without it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ ADAPTER_METHODS = {"adapter_houlsby": ("attn", "mlp"), "adapter_pfeiffer": ("mlp
 class AdapterFusionConfig(MethodConfig):
     adapters: tuple[str, ...] = ()  # delta files of adapter_houlsby / adapter_pfeiffer runs, at least two
     checksums: tuple[str, ...] = ()  # their SHA-256; empty: computed when applied (a saved delta holds them)
+    regularization: bool = True  # AdapterHub's default: 0.01 * ||I - V||^2 per fusion layer added to the loss
 
     def __post_init__(self):
         for name in ("adapters", "checksums"):
@@ -53,6 +58,10 @@ class AdapterFusionConfig(MethodConfig):
         check(
             len(self.adapters) != 1,
             "adapter_fusion fuses at least two adapters; with one, train that adapter (or fuse it with others)",
+        )
+        check(
+            isinstance(self.regularization, bool),
+            f"adapter_fusion regularization must be true or false, got {self.regularization!r}",
         )
         check(
             not self.checksums or len(self.checksums) == len(self.adapters),
@@ -132,6 +141,13 @@ class AdapterFusionMethod(Method):
         for host, fusion in planned:
             attach(host, "fusion", fusion)
         cfg.checksums = tuple(digest for _, _, digest in files)  # the saved delta names exactly these files
+
+    def regularization(self, model: nn.Module) -> torch.Tensor | None:
+        """AdapterHub's ``get_fusion_regularization_loss``: the value penalty summed over every fusion layer."""
+        if not self.config.regularization:
+            return None
+        penalties = [m.value_penalty() for m in model.modules() if isinstance(m, AdapterFusion)]
+        return torch.stack(penalties).sum() if penalties else None
 
 
 def _frozen_adapter(

@@ -66,6 +66,10 @@ class DoRA(OutputDelta):
                 }
             )
 
+    def identity_values(self) -> dict[str, torch.Tensor]:
+        """``m = ||W0||`` per row (with B = 0) leaves the layer unchanged; A and B's value is zero."""
+        return {f"m.{s}": _row_norm(self.host.weight[a:b].float()) for s, (a, b) in self.segments.items()}
+
     def direction(self, s: str) -> torch.Tensor:
         """``V = W0 + B A alpha / r`` of segment ``s``, in float32."""
         a, b = self.segments[s]

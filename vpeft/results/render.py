@@ -473,7 +473,8 @@ COMPOSITION_NOTES = [
     "each task's delta alone. Coefficients chosen on each task's val200 split with the tune runs' deltas, never "
     "on test.",
     "Weight space: the change a delta makes to the backbone's weights, merged into one backbone. Delta space: the "
-    "delta's own tensors (prompts, adapter weights) averaged: a different operation. AdapterFusion: trained on "
+    "delta's own tensors (prompts, adapter weights) as changes from the method's identity (1 for IA3 and SSF "
+    "scales, 0 otherwise), merged and added back to it: a different operation. AdapterFusion: trained on "
     "each task over the pool's frozen adapters (a run per task).",
     "params (M): one task's delta. In the plot, what one task's composed model trained beyond the backbone and "
     "its head: the delta's for a merge, the fusion layers plus the pool's adapters for AdapterFusion.",

@@ -4,7 +4,8 @@
 ``model(images, task_ids)`` runs the backbone once for the whole batch, each sample through its own
 task's delta, and returns each sample's logits. ``attach`` / ``detach`` add and remove a task's delta
 (unmerged); ``merge`` / ``unmerge`` fold one task's delta into the backbone's weights in place and back
-out (``W + dW``, then ``W - dW``), for mergeable methods. Each swap is timed and logged.
+out, for mergeable methods: unmerging copies back the weights the merge changed (kept while merged), so
+the shared backbone returns bit for bit whatever the delta held. Each swap is timed and logged.
 """
 
 from __future__ import annotations
@@ -383,7 +384,7 @@ class MultiDeltaModel(nn.Module):
         return self._log("merge", slot, self._names[slot], clock[0])
 
     def unmerge(self) -> SwapEvent:
-        """Take the merged delta back out of the weights in place (``W - dW``): within rounding of before."""
+        """Take the merged delta back out of the weights: the weights it changed are restored bit for bit."""
         if self._merged is None:
             raise VpeftError("no task is merged; merge(task) first")
         slot = self._merged

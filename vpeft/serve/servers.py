@@ -1,6 +1,11 @@
 """How each method's deltas live on a resident backbone: the tensors a delta file holds, the sites they
 fill, and, for methods whose delta folds into the weights, how it merges in and back out in place.
 
+Unmerging restores the weights a merge changed from a copy kept while merged, bit for bit: undoing a
+fold arithmetically (``W / s`` after ``W * s``, ``W - dW`` after ``W + dW``) rounds, and a scale near
+zero (an IA3 or SSF scale of 1e-30 flushes ``W * s`` to zero or overflows ``W / s``) would corrupt the
+backbone every resident task shares.
+
 A server reads the structure the single-task method reads (``vpeft.methods``: LoRA's targets, SSF's
 layers, IA3's parts, the adapters' sites) so both agree on names and places; it never changes
 ``vpeft.methods`` or ``vpeft.layers`` and needs nothing of them at run time but their constants.
@@ -89,21 +94,6 @@ def _linear(block: nn.Module, path: str, where: str) -> nn.Linear:
     return module
 
 
-def _no_zero(scale: torch.Tensor, what: str) -> None:
-    if bool((scale == 0).any()):
-        raise NotMergeableError(f"{what} has a zero scale: merging it could not be undone; keep it unmerged")
-
-
-def _divide_rows(host: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
-    """Undo ``fold_affine``: ``W / s`` along output channels, ``(b - shift) / s``."""
-    s = scale.detach().float()
-    w = host.weight
-    w.copy_((w.float() / s.view(-1, *([1] * (w.ndim - 1)))).to(w.dtype))
-    if host.bias is not None:
-        b = host.bias.float() - (shift.detach().float() if shift is not None else 0.0)
-        host.bias.copy_((b / s).to(host.bias.dtype))
-
-
 class Server(nn.Module):
     """One method's resident deltas on one backbone: what a delta file holds, where it acts, how it merges.
 
@@ -125,6 +115,7 @@ class Server(nn.Module):
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
         self.configs: dict[int, Any] = {}  # slot -> the method's config dataclass
         self.installed = False
+        self._originals: list[tuple[nn.Module, str, torch.Tensor]] | None = None  # while merged: the weights before
 
     # -- what a delta holds -------------------------------------------------------------------------
     def expected(self, cfg: Any) -> dict[str, tuple[int, ...]]:
@@ -166,11 +157,50 @@ class Server(nn.Module):
         for site in self.sites.values():
             site.bank.resize(capacity)
 
+    # -- merging: folding one task's delta into the weights, and restoring them exactly ---------------
     def merge(self, slot: int) -> None:
-        raise NotMergeableError(self._not_mergeable())
+        """Fold task ``slot`` into the backbone in place, first copying every weight the fold changes
+        (``merge_targets``): ``unmerge`` copies them back. Costs one copy of those weights while merged."""
+        if not self.mergeable:
+            raise NotMergeableError(self._not_mergeable())
+        seen, originals = set(), []
+        for module, name in self.merge_targets():
+            p = module._parameters.get(name)
+            if p is not None and id(p) not in seen:
+                seen.add(id(p))
+                originals.append((module, name, p.detach().clone()))
+        try:
+            self.merge_weights(slot)
+        except BaseException:
+            self._restore(originals)
+            raise
+        self._originals = originals
 
     def unmerge(self, slot: int) -> None:
+        """Restore the weights ``merge`` changed, bit for bit, whatever the delta's values."""
+        if not self.mergeable:
+            raise NotMergeableError(self._not_mergeable())
+        self._restore(self._originals or [])
+        self._originals = None
+        self.after_unmerge()
+
+    @staticmethod
+    def _restore(originals: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for module, name, original in originals:
+                module._parameters[name].copy_(original)
+
+    def merge_targets(self) -> list[tuple[nn.Module, str]]:
+        """(module, parameter name) of every weight ``merge_weights`` writes: by default all of each site's host."""
+        hosts = [self.backbone.get_submodule(path) for path, _ in self.site_items()]
+        return [(m, name) for m in hosts for name, _ in m.named_parameters(recurse=False)]
+
+    def merge_weights(self, slot: int) -> None:
+        """Fold task ``slot``'s delta into the weights in place (mergeable servers)."""
         raise NotMergeableError(self._not_mergeable())
+
+    def after_unmerge(self) -> None:
+        """Undo what a merge did besides changing weights ``merge_targets`` names (SSF's created biases)."""
 
     def _not_mergeable(self) -> str:
         return (
@@ -221,11 +251,8 @@ class LinearServer(Server):
     def write(self, slot: int, tensors: dict[str, torch.Tensor], cfg: Any, capacity: int) -> None:
         self.configs[slot] = cfg
 
-    def merge(self, slot: int) -> None:
-        pass
-
-    def unmerge(self, slot: int) -> None:
-        pass
+    def merge_weights(self, slot: int) -> None:
+        pass  # nothing to fold: the heads are swapped per task
 
 
 @functools.lru_cache(maxsize=64)
@@ -278,20 +305,17 @@ class LoRAServer(Server):
             if not site.present:  # no resident task adapts this layer any more: it runs bare again
                 self._drop_site(path)
 
-    def _fold(self, slot: int, sign: float) -> None:
+    def merge_targets(self) -> list[tuple[nn.Module, str]]:
+        return [(self.backbone.get_submodule(path), "weight") for path, _ in self.site_items()]
+
+    def merge_weights(self, slot: int) -> None:
         for path, site in self.site_items():
             host = self.backbone.get_submodule(path)
             for seg, start, end in site.present:
                 if site.bank.shape_of(f"A_{seg}", slot) is None:
                     continue
                 a, b = site.bank[f"A_{seg}"][slot].float(), site.bank[f"B_{seg}"][slot].float()
-                host.weight[start:end].add_((b @ a).to(host.weight.dtype), alpha=sign)
-
-    def merge(self, slot: int) -> None:
-        self._fold(slot, 1.0)
-
-    def unmerge(self, slot: int) -> None:
-        self._fold(slot, -1.0)
+                host.weight[start:end].add_((b @ a).to(host.weight.dtype))
 
 
 @serves("ssf")
@@ -333,26 +357,19 @@ class SSFServer(Server):
             site.bank.put("shift", slot, tensors[f"{path}.ssf.shift"], capacity)
         self.configs[slot] = cfg
 
-    def merge(self, slot: int) -> None:
-        for path, site in self.site_items():  # check every layer first: a refused merge changes nothing
+    def merge_weights(self, slot: int) -> None:
+        for path, _ in self.site_items():  # check every layer first: a refused merge changes nothing
             if not isinstance(getattr(self.backbone.get_submodule(path), "weight", None), nn.Parameter):
                 raise NotMergeableError(f"ssf cannot merge into {path}: it has no weight to scale")
-            _no_zero(site.bank["scale"][slot], f"ssf at {path}")
         for path, site in self.site_items():
             host = self.backbone.get_submodule(path)
             if host.bias is None:
                 self._created_bias.add(path)
             fold_affine(host, site.bank["scale"][slot], site.bank["shift"][slot])
 
-    def unmerge(self, slot: int) -> None:
-        for path, site in self.site_items():
-            host = self.backbone.get_submodule(path)
-            scale, shift = site.bank["scale"][slot], site.bank["shift"][slot]
-            if path in self._created_bias:
-                host.bias = None  # the layer had no bias before the merge gave it one
-                _divide_rows(host, scale, None)
-            else:
-                _divide_rows(host, scale, shift)
+    def after_unmerge(self) -> None:
+        for path in self._created_bias:
+            self.backbone.get_submodule(path).bias = None  # the layer had no bias before the merge gave it one
         self._created_bias.clear()
 
 
@@ -393,7 +410,14 @@ class IA3Server(Server):
             self._site(f"blocks.{i}.mlp.act").bank.put("scale", slot, tensors[f"blocks.{i}.mlp.act.ia3.ff"], capacity)
         self.configs[slot] = cfg
 
-    def merge(self, slot: int) -> None:
+    def merge_targets(self) -> list[tuple[nn.Module, str]]:
+        return [
+            (m, name)
+            for _, _, qkv, _, fc2 in self._parts()
+            for m, name in ((qkv, "weight"), (qkv, "bias"), (fc2, "weight"))
+        ]
+
+    def merge_weights(self, slot: int) -> None:
         parts = list(self._parts())
         for i, block, *_ in parts:
             norm = getattr(block.mlp, "norm", None)
@@ -402,17 +426,9 @@ class IA3Server(Server):
                     f"ia3 cannot merge block {i}: its MLP has a {type(norm).__name__} between the activation "
                     f"and fc2, so the hidden scale does not fold into fc2's weights; keep it unmerged"
                 )
-            _no_zero(self._site(f"blocks.{i}.attn.qkv").bank["scale"][slot], f"ia3 at block {i}")
-            _no_zero(self._site(f"blocks.{i}.mlp.act").bank["scale"][slot], f"ia3 at block {i}")
         for i, _, qkv, _, fc2 in parts:
             fold_affine(qkv, self._site(f"blocks.{i}.attn.qkv").bank["scale"][slot])
             fold_input_scale(fc2, self._site(f"blocks.{i}.mlp.act").bank["scale"][slot])
-
-    def unmerge(self, slot: int) -> None:
-        for i, _, qkv, _, fc2 in self._parts():
-            _divide_rows(qkv, self._site(f"blocks.{i}.attn.qkv").bank["scale"][slot], None)
-            ff = self._site(f"blocks.{i}.mlp.act").bank["scale"][slot].detach().float()
-            fc2.weight.copy_((fc2.weight.float() / ff.view(1, -1)).to(fc2.weight.dtype))
 
 
 @serves("bitfit")
@@ -445,16 +461,13 @@ class BitFitServer(Server):
             site.bank.put("shift", slot, tensors[f"{path}.bias"] - site.base, capacity)
         self.configs[slot] = cfg
 
-    def _fold(self, slot: int, sign: float) -> None:
+    def merge_targets(self) -> list[tuple[nn.Module, str]]:
+        return [(self.backbone.get_submodule(path), "bias") for path, _ in self.site_items()]
+
+    def merge_weights(self, slot: int) -> None:
         for path, site in self.site_items():
             bias = self.backbone.get_submodule(path).bias
-            bias.add_(site.bank["shift"][slot].to(bias.dtype), alpha=sign)
-
-    def merge(self, slot: int) -> None:
-        self._fold(slot, 1.0)
-
-    def unmerge(self, slot: int) -> None:
-        self._fold(slot, -1.0)
+            bias.add_(site.bank["shift"][slot].to(bias.dtype))
 
 
 @serves("adapter_houlsby")
