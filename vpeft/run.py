@@ -19,12 +19,13 @@ from vpeft.jobs import InputError, Plan, entered, mark_entered, run_job
 from vpeft.jobs.bench import BenchJob
 from vpeft.jobs.merge import MergeJob
 from vpeft.jobs.retention import RetentionJob
+from vpeft.jobs.sequential import SequentialJob
 from vpeft.jobs.train import TrainJob, plan_run
 
 __all__ = ["InputError", "Plan", "entered", "main", "mark_entered", "plan_run"]
 
 
-JOBS = ("train", "merge", "retention")
+JOBS = ("train", "merge", "retention", "sequential")
 
 
 def main(cfg: DictConfig) -> dict[str, Any] | None:
@@ -39,6 +40,8 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         return run_job(MergeJob(), cfg)
     if kind == "retention":
         return run_job(RetentionJob(), cfg)
+    if kind == "sequential":
+        return run_job(SequentialJob(), cfg)
     if cfg.get("bench", {}).get("only", False):
         return run_job(BenchJob(), cfg)
     return run_job(TrainJob(), cfg)

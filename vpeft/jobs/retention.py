@@ -22,7 +22,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import vpeft
-from vpeft.backbones import backbone_from_config
 from vpeft.config import check_keys
 from vpeft.data import load_task
 from vpeft.engine.loop import resolve_amp
@@ -30,7 +29,7 @@ from vpeft.errors import ConfigError, DataError
 from vpeft.files import path_part
 from vpeft.jobs.merge import _data_args, _unfinished, run_config, task_dataset
 from vpeft.jobs.runner import Context, Job, Plan, hydra_overrides
-from vpeft.jobs.train import plan_run, seed_everything
+from vpeft.jobs.train import plan_run, run_backbone
 from vpeft.probe import extract_features, knn_top1, retention
 from vpeft.probe.cache import cache_file, feature_key, read_features, tensor_digest, write_features
 from vpeft.results import config_hash, read_record
@@ -163,8 +162,7 @@ class RetentionJob(Job):
         run_record = read_record(run.record_path)
         delta = run.record_path.with_name(run_record["delta_file"])
         record["run"] |= {"delta_file": str(delta), "top1": run_record["metrics"]["top1"]}
-        seed_everything(plan.identity["seed"])  # a randomly initialised backbone is the run's own only so
-        bb = backbone_from_config(r["backbone"], num_classes=0)
+        bb = run_backbone(r, plan.identity["seed"])
         model = bb.model.to(device)
         amp = resolve_amp(str(r["trainer"].get("amp", "auto")), device)
         batch = int(r["trainer"].get("eval_batch_size", 256))
