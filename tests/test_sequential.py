@@ -78,3 +78,29 @@ def test_bad_input_exits_2_before_anything_runs(pair, bad, says, capsys):
     with pytest.raises(SystemExit) as e:
         sequential(tmp, roots, "lora", bad)
     assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_the_page_puts_forgetting_beside_top1(pair, tmp_path):
+    """The leaderboard's forgetting section: each probed run's target top-1 beside its retention, the sequential
+    drops, their CSVs and the trade-off plot, all from the records."""
+    from vpeft.results.render import write_leaderboard
+
+    tmp, roots = pair
+    for method in ("linear", "lora"):
+        rec = run_inproc(tmp, *TINY, f"method={method}", "dataset=folder", f"dataset.root={roots['a']}",
+                         "job=retention", f"paths.retention={tmp / 'ret'}", f"probe.tasks=[folder:{roots['b']}]")  # fmt: skip
+        assert rec["status"] == "ok"
+        sequential(tmp, roots, method)
+    out = tmp_path / "lb"
+    written = write_leaderboard(tmp / "runs", out, retention_dir=tmp / "ret", sequential_dir=tmp / "seq")
+    md = written["leaderboard.md"].read_text()
+    assert "## Forgetting (retention and sequential records)" in md
+    ret = [ln for ln in md.splitlines() if ln.startswith("| linear") and "100.0" in ln]
+    assert ret, "linear probing keeps 100% of the features"
+    csv = written["retention.csv"].read_text().splitlines()
+    assert csv[0].startswith("backbone,method,dataset,seed,target_top1,retention") and len(csv) == 3
+    seq = written["sequential.csv"].read_text().splitlines()
+    assert len(seq) == 3 and any(",linear,a,b,0," in ln and ",0.0000," in ln for ln in seq)
+    assert (out / "forgetting_vit-tiny-patch16-224-random.svg").is_file()
+    with pytest.raises(Exception, match="no retention folder"):
+        write_leaderboard(tmp / "runs", out, retention_dir=tmp / "nowhere")
