@@ -87,8 +87,8 @@ def test_the_page_puts_forgetting_beside_top1(pair, tmp_path):
 
     tmp, roots = pair
     for method in ("linear", "lora"):
-        rec = run_inproc(tmp, *TINY, f"method={method}", "dataset=folder", f"dataset.root={roots['a']}",
-                         "job=retention", f"paths.retention={tmp / 'ret'}", f"probe.tasks=[folder:{roots['b']}]")  # fmt: skip
+        job = ["job=retention", f"paths.retention={tmp / 'ret'}", f"probe.tasks=[folder:{roots['b']}]"]
+        rec = run_inproc(tmp, *TINY, f"method={method}", "dataset=folder", f"dataset.root={roots['a']}", *job)
         assert rec["status"] == "ok"
         sequential(tmp, roots, method)
     out = tmp_path / "lb"
