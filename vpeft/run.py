@@ -18,12 +18,14 @@ from vpeft.errors import ConfigError
 from vpeft.jobs import InputError, Plan, entered, mark_entered, run_job
 from vpeft.jobs.bench import BenchJob
 from vpeft.jobs.merge import MergeJob
+from vpeft.jobs.retention import RetentionJob
+from vpeft.jobs.sequential import SequentialJob
 from vpeft.jobs.train import TrainJob, plan_run
 
 __all__ = ["InputError", "Plan", "entered", "main", "mark_entered", "plan_run"]
 
 
-JOBS = ("train", "merge")
+JOBS = ("train", "merge", "retention", "sequential")
 
 
 def main(cfg: DictConfig) -> dict[str, Any] | None:
@@ -36,6 +38,10 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         sys.exit(2)
     if kind == "merge":
         return run_job(MergeJob(), cfg)
+    if kind == "retention":
+        return run_job(RetentionJob(), cfg)
+    if kind == "sequential":
+        return run_job(SequentialJob(), cfg)
     if cfg.get("bench", {}).get("only", False):
         return run_job(BenchJob(), cfg)
     return run_job(TrainJob(), cfg)

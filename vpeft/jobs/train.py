@@ -182,6 +182,26 @@ def _check_keys(resolved: dict[str, Any]) -> None:
         check_keys("optim", optim, ["_target_", "_partial_", "decay_1d", *accepted])
 
 
+def build_optimizer(model: torch.nn.Module, optim: dict[str, Any]) -> torch.optim.Optimizer:
+    """The resolved ``optim`` group's optimizer over the model's trainable tensors (timm's weight-decay groups)."""
+    from hydra.utils import instantiate
+
+    optim_cfg = dict(optim)
+    decay_1d = optim_cfg.pop("decay_1d", False)  # vpeft's own field: which tensors decay, not the optimizer's
+    groups = param_groups(model, optim_cfg.get("weight_decay"), decay_1d=decay_1d)
+    try:
+        return instantiate(optim_cfg)(groups)
+    except ValueError as e:  # torch's own checks: "Invalid learning rate: nan" ...
+        raise ConfigError(f"optim: {e}; check optim.lr and optim.weight_decay") from None
+
+
+def run_backbone(resolved: dict[str, Any], seed: int) -> Any:
+    """The headless backbone a run of ``resolved`` starts from, built as the training job builds it (seeded first:
+    a randomly initialised backbone is the run's own only so). Jobs that build on a run's delta load it onto this."""
+    seed_everything(seed)
+    return backbone_from_config(resolved["backbone"], num_classes=0)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -329,8 +349,6 @@ class TrainJob(Job):
         return None
 
     def execute(self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context) -> None:
-        from hydra.utils import instantiate
-
         r = plan.resolved
         seed = plan.identity["seed"]
         protocol = plan.identity["protocol"]
@@ -365,13 +383,7 @@ class TrainJob(Job):
             "trainable_excl_head": count.trainable_excl_head,
             "total": count.total,
         }
-        optim_cfg = dict(r["optim"])
-        decay_1d = optim_cfg.pop("decay_1d", False)  # vpeft's own field: which tensors decay, not the optimizer's
-        groups = param_groups(model, optim_cfg.get("weight_decay"), decay_1d=decay_1d)
-        try:
-            optimizer = instantiate(optim_cfg)(groups)
-        except ValueError as e:  # torch's own checks: "Invalid learning rate: nan" ...
-            raise ConfigError(f"optim: {e}; check optim.lr and optim.weight_decay") from None
+        optimizer = build_optimizer(model, r["optim"])
         logger = ctx.state["logger"] = make_logger(r["logger"], plan.resolved, _run_name(plan))
         ctx.phase = "training"
         result = train(

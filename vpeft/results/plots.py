@@ -250,3 +250,20 @@ def composition_plots(comp: pd.DataFrame, out_dir: Path) -> list[Plot]:
             f"composition_{slug(backbone)}_{slug(tasks)}",
         ))  # fmt: skip
     return plots
+
+
+def forgetting_plots(ret: pd.DataFrame, out_dir: Path) -> list[Plot]:
+    """Per backbone with at least two runs probed: target-task top-1 against what the features lost elsewhere
+    (100 - mean retention, %): the learning-forgetting trade-off, its Pareto front up and to the left."""
+    plots = []
+    for backbone, g in ret.groupby("backbone", sort=True):
+        mean = g.groupby(["method", "dataset"], sort=True)[["target_top1", "retention"]].mean().reset_index()
+        points = [(f"{r['method']} ({r['dataset']})", 100 * (1 - r["retention"]), r["target_top1"])
+                  for _, r in mean.iterrows()]  # fmt: skip
+        if len(points) < 2:
+            continue
+        plots.append(plot_tradeoff(
+            points, "lost on the probe tasks: 100 - mean k-NN retention (%)", "target-task top-1 (%)",
+            f"Learning against forgetting: {backbone}", False, out_dir, f"forgetting_{slug(backbone)}",
+        ))  # fmt: skip
+    return plots

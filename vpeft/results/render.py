@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import functools
 import html
+import json
 import math
 import os
 import re
@@ -28,6 +29,7 @@ from pandas.io.formats.style import Styler
 from vpeft.errors import DataError
 from vpeft.files import slug
 from vpeft.results.composition import composition_frame, load_merge_records, negation_frame
+from vpeft.results.forgetting import load_retention_records, load_sequential_records, retention_frame, sequential_frame
 from vpeft.results.frame import NOISE_SPREAD, _value_text, latency_frame, load_bench_records, load_records
 from vpeft.results.leaderboard import (
     GROUP_NAMES,
@@ -40,7 +42,7 @@ from vpeft.results.leaderboard import (
     load_reference,
     methods_table,
 )
-from vpeft.results.plots import Plot, composition_plots, make_plots
+from vpeft.results.plots import Plot, composition_plots, forgetting_plots, make_plots
 from vpeft.vtab import GROUPS, TASKS
 
 EMPTY = "–"
@@ -531,6 +533,53 @@ def composition_tables(comp: pd.DataFrame, neg: pd.DataFrame, out_dir: Path | No
     return tables
 
 
+# -- forgetting (retention and sequential records) ------------------------------------------------
+
+RETENTION_NOTES = [
+    "Retention: k-NN top-1 (DINO's weighted k-NN, k=20, cosine, T=0.07; fit on each probe task's train800val200, "
+    "scored on its test split) of the adapted model's pre-logit features over the bare backbone's; 100% keeps all "
+    "of it. Mean over the probe tasks, never the run's own task. Target top-1: the run's own test top-1.",
+]
+SEQUENTIAL_NOTES = [
+    "Sequential: task A's run continued on task B with the same trainable set and a fresh head (A's kept aside), "
+    "then A tested again with its own head. Forgetting = A before - A after (points). A separate delta per task "
+    "forgets nothing by construction (drop 0; both deltas stored); merging them is the composition section's.",
+]
+
+
+def forgetting_tables(ret: pd.DataFrame, seq: pd.DataFrame, out_dir: Path | None = None) -> list[Table]:
+    """Per backbone: each probed run's target top-1 beside its retention (mean, then per probe task); then the
+    sequential runs: A before and after B, the drop, B continued and B alone."""
+    tables = []
+    for backbone, g in ret.groupby("backbone", sort=True):
+        probes = sorted({t for d in g["per_task"] for t in d})
+        cells = [
+            {
+                "method": r["method"], "task": r["dataset"], "seed": str(r["seed"]),
+                "target top-1": _num(r["target_top1"], ".1f"), "retention (%)": _num(100 * r["retention"], ".1f"),
+                **{p: _num(100 * r["per_task"][p], ".1f") if p in r["per_task"] else EMPTY for p in probes},
+                "record": [("json", _rel(r["path"], out_dir))] if r["path"] else EMPTY,
+            }
+            for _, r in g.iterrows()
+        ]  # fmt: skip
+        tables.append(_table(f"retention-{slug(backbone)}", f"Retention on other tasks: {backbone}", cells,
+                             RETENTION_NOTES))  # fmt: skip
+    for backbone, g in seq.groupby("backbone", sort=True):
+        cells = [
+            {
+                "method": r["method"], "A -> B": f"{r['first']} -> {r['second']}", "seed": str(r["seed"]),
+                "A before": _num(r["a_before"], ".1f"), "A after B": _num(r["a_after"], ".1f"),
+                "forgetting (points)": _num(r["forgetting"], ".1f"), "B (continued)": _num(r["b_top1"], ".1f"),
+                "B (own delta)": _num(r["b_alone_top1"], ".1f"),
+                "record": [("json", _rel(r["path"], out_dir))] if r["path"] else EMPTY,
+            }
+            for _, r in g.iterrows()
+        ]  # fmt: skip
+        tables.append(_table(f"sequential-{slug(backbone)}", f"Sequential fine-tuning: {backbone}", cells,
+                             SEQUENTIAL_NOTES))  # fmt: skip
+    return tables
+
+
 # -- writers (pandas does the tables) --------------------------------------------------------------
 
 
@@ -753,12 +802,15 @@ def build_page(
     methods: pd.DataFrame | None = None,
     out_dir: Path | None = None,
     composition: tuple[list[Table], list[Plot]] | None = None,
+    forgetting: tuple[list[Table], list[Plot]] | None = None,
 ) -> Page:
     """The page's sections, summaries first (the composition table first where merges are given); record links
     relative to ``out_dir`` (give the leaderboard ``relative_to`` it)."""
     sections = []
     if composition is not None:  # merges were asked for: their table is what the page is for
         sections.append(Section("Composition (merge records, AdapterFusion runs)", *composition))
+    if forgetting is not None:
+        sections.append(Section("Forgetting (retention and sequential records)", *forgetting))
     for backbone in lb.backbones:
         summary, details = [], []
         if not lb.vtab_rows(backbone).empty:
@@ -815,6 +867,8 @@ def write_leaderboard(
     out_dir: str | Path,
     bench_dir: str | Path | None = None,
     merges_dir: str | Path | None = None,
+    retention_dir: str | Path | None = None,
+    sequential_dir: str | Path | None = None,
 ) -> dict[str, Path]:
     """Read run records (and bench and merge records), write every output into ``out_dir``; return their paths."""
     records_dir, out_dir = Path(records_dir), Path(out_dir)
@@ -828,6 +882,11 @@ def write_leaderboard(
     if merges_dir is not None and not Path(merges_dir).is_dir():
         raise DataError(f"no merges folder at {merges_dir}; pass the folder merge jobs wrote their records to "
                         "(paths.merges, default outputs/merges)")  # fmt: skip
+    for what, folder, job in (("retention", retention_dir, "job=retention"), ("sequential", sequential_dir,
+                                                                              "job=sequential")):  # fmt: skip
+        if folder is not None and not Path(folder).is_dir():
+            raise DataError(f"no {what} folder at {folder}; pass the folder {job} wrote its records to "
+                            f"(paths.{what}, default outputs/{what})")  # fmt: skip
     runs = load_records(records_dir)
     bench = load_bench_records(bench_dir) if bench_dir is not None else None
     lb = relative_to(build_leaderboard(runs, bench, bench_dir), out_dir)
@@ -842,7 +901,14 @@ def write_leaderboard(
         comp_plots = composition_plots(comp, out_dir)
         plots += comp_plots
         composition = (composition_tables(comp, negation_frame(merges), out_dir), comp_plots)
-    page = build_page(lb, plots, runs, methods, out_dir, composition)
+    forgetting = ret = seq = None
+    if retention_dir is not None or sequential_dir is not None:
+        ret = load_retention_records(retention_dir) if retention_dir is not None else retention_frame([])
+        seq = load_sequential_records(sequential_dir) if sequential_dir is not None else sequential_frame([])
+        forget_plots = forgetting_plots(ret, out_dir)
+        plots += forget_plots
+        forgetting = (forgetting_tables(ret, seq, out_dir), forget_plots)
+    page = build_page(lb, plots, runs, methods, out_dir, composition, forgetting)
     files: dict[str, Callable[[], str]] = {
         "leaderboard.md": lambda: page_markdown(page),
         "leaderboard.csv": lambda: leaderboard_csv(lb),
@@ -852,6 +918,14 @@ def write_leaderboard(
     if comp is not None:
         links = [" ".join(_rel(p, out_dir) for p in r) for r in comp["records"]]
         files["composition.csv"] = lambda: comp.assign(records=links).to_csv(index=False, float_format="%.4f")
+    if ret is not None:
+        files["retention.csv"] = lambda: ret.assign(
+            path=[_rel(p, out_dir) for p in ret["path"]],
+            per_task=[json.dumps(d, sort_keys=True) for d in ret["per_task"]],
+        ).to_csv(index=False, float_format="%.4f", lineterminator="\n")
+        files["sequential.csv"] = lambda: seq.assign(path=[_rel(p, out_dir) for p in seq["path"]]).to_csv(
+            index=False, float_format="%.4f", lineterminator="\n"
+        )
     if methods is not None:
         files["methods.md"] = lambda: methods_markdown(methods, out_dir)
         files["methods.csv"] = lambda: methods_csv(methods, out_dir)
