@@ -103,5 +103,12 @@ def test_the_page_puts_forgetting_beside_top1(pair, tmp_path):
     seq = pd.read_csv(written["sequential.csv"]).set_index("method")
     assert {"linear", "lora"} <= set(seq.index) and seq.loc["linear", "forgetting"] == 0.0
     assert (out / "forgetting_vit-tiny-patch16-224-random.svg").is_file()
+    # beside top-1 in the run tables: each row's mean retention over its probed runs
+    lines = md.splitlines()
+    header = next(ln for ln in lines if ln.startswith("| method") and "retention (%)" in ln and "peak mem" in ln)
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    cells = [[x.strip() for x in ln.strip("|").split("|")] for ln in lines if ln.startswith(("| linear", "| lora"))]
+    rows = {c[0]: dict(zip(cols, c)) for c in cells if len(c) == len(cols)}
+    assert rows["linear"]["retention (%)"] == "100.0" and rows["lora"]["retention (%)"] != "–"
     with pytest.raises(Exception, match="no retention folder"):
         write_leaderboard(tmp / "runs", out, retention_dir=tmp / "nowhere")

@@ -11,7 +11,8 @@ import pandas as pd
 from vpeft.results.retention import iter_retention_records
 from vpeft.results.sequential import iter_sequential_records
 
-RETENTION_COLUMNS = ["backbone", "method", "dataset", "seed", "target_top1", "retention", "probes", "per_task", "path"]
+RETENTION_COLUMNS = ["backbone", "method", "dataset", "seed", "target_top1", "retention", "probes", "per_task", "path",
+                     "run_config_hash"]  # fmt: skip
 SEQUENTIAL_COLUMNS = ["backbone", "method", "first", "second", "seed", "a_before", "a_after", "forgetting", "b_top1",
                       "b_alone_top1", "path"]  # fmt: skip
 
@@ -26,7 +27,8 @@ def retention_frame(records: Sequence[dict[str, Any]], paths: Sequence[str | Pat
             "target_top1": r["metrics"]["target_top1"], "retention": r["metrics"]["mean_retention"],
             "probes": ", ".join(r["probe"]["tasks"]),
             "per_task": {t: p["retention"] for t, p in r["per_task"].items()},
-            "path": str(p) if p is not None else None, "finished_at": r.get("finished_at") or "",
+            "path": str(p) if p is not None else None, "run_config_hash": r["run"]["config_hash"],
+            "finished_at": r.get("finished_at") or "",
         }
         for r, p in zip(records, paths)
         if r["status"] == "ok"
@@ -67,3 +69,21 @@ def load_retention_records(path: str | Path) -> pd.DataFrame:
 def load_sequential_records(path: str | Path) -> pd.DataFrame:
     found = list(iter_sequential_records(path))
     return sequential_frame([r for _, r in found], [p for p, _ in found])
+
+
+def row_retention(ret: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Per leaderboard row (backbone, method, variant): the mean retention of its ranked final runs that were
+    probed (matched by backbone, method, dataset, seed and the run's config hash) and how many were."""
+    keys = ["backbone", "method", "variant"]
+    final = runs[(runs["status"] == "ok") & (runs["protocol"] == "final")]
+    final = final[["backbone", "method", "variant", "dataset_label", "seed", "config_hash"]].rename(
+        columns={"dataset_label": "dataset", "config_hash": "run_config_hash"}
+    )
+    probed = final.merge(ret[["backbone", "method", "dataset", "seed", "run_config_hash", "retention"]],
+                         on=["backbone", "method", "dataset", "seed", "run_config_hash"])  # fmt: skip
+    return (
+        probed.groupby(keys, sort=True)["retention"]
+        .agg(["mean", "size"])
+        .reset_index()
+        .rename(columns={"mean": "retention", "size": "retention_n"})
+    )

@@ -29,7 +29,13 @@ from pandas.io.formats.style import Styler
 from vpeft.errors import DataError
 from vpeft.files import slug
 from vpeft.results.composition import composition_frame, load_merge_records, negation_frame
-from vpeft.results.forgetting import load_retention_records, load_sequential_records, retention_frame, sequential_frame
+from vpeft.results.forgetting import (
+    load_retention_records,
+    load_sequential_records,
+    retention_frame,
+    row_retention,
+    sequential_frame,
+)
 from vpeft.results.frame import NOISE_SPREAD, _value_text, latency_frame, load_bench_records, load_records
 from vpeft.results.leaderboard import (
     GROUP_NAMES,
@@ -198,6 +204,15 @@ def _costs(r: pd.Series) -> dict[str, Any]:
         COST_HEADERS[1]: latency,
         COST_HEADERS[2]: _num(r["train_images_per_s"], ".0f"),
         COST_HEADERS[3]: _memory(r["peak_mem_mb"], r["peak_mem_kind"]),
+        **(
+            {
+                "retention (%)": (_num(100 * r["retention"], ".1f"), f"mean of {r['retention_n']:.0f} probed runs")
+                if not _na(r["retention"])
+                else (EMPTY, "")
+            }
+            if "retention" in r.index
+            else {}
+        ),  # fmt: skip
     }
 
 
@@ -905,6 +920,7 @@ def write_leaderboard(
     if retention_dir is not None or sequential_dir is not None:
         ret = load_retention_records(retention_dir) if retention_dir is not None else retention_frame([])
         seq = load_sequential_records(sequential_dir) if sequential_dir is not None else sequential_frame([])
+        lb = dataclasses.replace(lb, rows=lb.rows.merge(row_retention(ret, runs), on=KEY, how="left"))
         forget_plots = forgetting_plots(ret, out_dir)
         plots += forget_plots
         forgetting = (forgetting_tables(ret, seq, out_dir), forget_plots)
