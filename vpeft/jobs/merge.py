@@ -38,8 +38,7 @@ from vpeft.jobs.train import plan_run, seed_everything
 from vpeft.methods import METHODS, mergeable_methods
 from vpeft.progress import progress
 from vpeft.results import config_hash, read_record
-from vpeft.results.merges import MERGE_KIND, MERGE_SCHEMA_VERSION, read_merge_record, validate_merge_record
-from vpeft.results.store import record_lock, write_json_atomic
+from vpeft.results.merges import MERGE_KIND, MERGE_SCHEMA_VERSION, validate_merge_record
 
 log = logging.getLogger("vpeft")
 
@@ -71,6 +70,7 @@ def run_config(cfg: DictConfig, task: str, protocol: str) -> DictConfig:
 
 class MergeJob(Job):
     kind = "merge"
+    check = staticmethod(validate_merge_record)  # the schema of its records; the runner reads and writes them
 
     def plan(self, cfg: DictConfig) -> Plan:
         m = OmegaConf.to_container(cfg.merge, resolve=True)
@@ -133,21 +133,6 @@ class MergeJob(Job):
             "started_at": started,
             "finished_at": None,
         }
-
-    def read(self, path: Path) -> dict[str, Any]:
-        return read_merge_record(path)
-
-    def write(self, path: Path, record: dict[str, Any]) -> bool:
-        validate_merge_record(record)
-        with record_lock(path):
-            if record["status"] != "ok" and path.exists():
-                try:
-                    if self.read(path)["status"] == "ok":
-                        return False
-                except (OSError, ValueError):
-                    pass
-            write_json_atomic(path, record)
-        return True
 
     def describe(self, record: dict[str, Any]) -> str:
         top1 = record["metrics"].get("mean_top1")

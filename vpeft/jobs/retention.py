@@ -37,10 +37,8 @@ from vpeft.results.record import dataset_id
 from vpeft.results.retention import (
     RETENTION_KIND,
     RETENTION_SCHEMA_VERSION,
-    read_retention_record,
     validate_retention_record,
 )
-from vpeft.results.store import record_lock, write_json_atomic
 
 log = logging.getLogger("vpeft")
 PROBE_KEYS = ("tasks", "k", "temperature")
@@ -87,6 +85,7 @@ def _root(cfg: DictConfig) -> Path:
 
 class RetentionJob(Job):
     kind = "retention"
+    check = staticmethod(validate_retention_record)  # the schema of its records; the runner reads and writes them
 
     def plan(self, cfg: DictConfig) -> Plan:
         probe = _probe_settings(cfg)
@@ -132,21 +131,6 @@ class RetentionJob(Job):
             "started_at": started,
             "finished_at": None,
         }
-
-    def read(self, path: Path) -> dict[str, Any]:
-        return read_retention_record(path)
-
-    def write(self, path: Path, record: dict[str, Any]) -> bool:
-        validate_retention_record(record)
-        with record_lock(path):
-            if record["status"] != "ok" and path.exists():
-                try:
-                    if self.read(path)["status"] == "ok":
-                        return False
-                except (OSError, ValueError):
-                    pass
-            write_json_atomic(path, record)
-        return True
 
     def describe(self, record: dict[str, Any]) -> str:
         mean = record["metrics"].get("mean_retention")

@@ -38,7 +38,8 @@ from omegaconf import DictConfig
 from vpeft.env import claim_gpu, environment, resolve_device
 from vpeft.errors import RunFailed, VpeftError
 from vpeft.files import check_writable, non_finite, null_non_finite, write_json_atomic
-from vpeft.results import read_record, write_record_guarded
+from vpeft.results import validate, write_record_guarded
+from vpeft.results.store import load_json_object
 
 log = logging.getLogger("vpeft")
 STATUS_FILE = "vpeft_status.json"  # each sweep job's status, in its Hydra folder; vpeft.callbacks sums them up
@@ -97,13 +98,15 @@ class Job:
         """Fill ``record``; set ``ctx.phase`` as the job moves past set-up."""
         raise NotImplementedError
 
+    check: ClassVar[Callable[[Any], dict[str, Any]]] = staticmethod(validate)  # the schema of the job's records
+
     def read(self, path: Path) -> dict[str, Any]:
         """The valid record at ``path`` (OSError / ValueError otherwise)."""
-        return read_record(path)
+        return type(self).check(load_json_object(path))
 
     def write(self, path: Path, record: dict[str, Any]) -> bool:
         """Write ``record`` unless that would replace a finished one with a worse one; whether it wrote."""
-        return write_record_guarded(path, record)[1]
+        return write_record_guarded(path, record, type(self).check)[1]
 
     def after(self, ctx: Context, record: dict[str, Any], ok: bool) -> None:
         """Called once the record is written (or the job ended without one)."""

@@ -35,10 +35,8 @@ from vpeft.results import config_hash, read_record
 from vpeft.results.sequential import (
     SEQUENTIAL_KIND,
     SEQUENTIAL_SCHEMA_VERSION,
-    read_sequential_record,
     validate_sequential_record,
 )
-from vpeft.results.store import record_lock, write_json_atomic
 
 log = logging.getLogger("vpeft")
 SEQUENTIAL_KEYS = ("tasks",)
@@ -62,6 +60,7 @@ def _tasks(cfg: DictConfig) -> list[str]:
 
 class SequentialJob(Job):
     kind = "sequential"
+    check = staticmethod(validate_sequential_record)  # the schema of its records; the runner reads and writes them
 
     def plan(self, cfg: DictConfig) -> Plan:
         tasks = _tasks(cfg)
@@ -98,21 +97,6 @@ class SequentialJob(Job):
             "started_at": started,
             "finished_at": None,
         }
-
-    def read(self, path: Path) -> dict[str, Any]:
-        return read_sequential_record(path)
-
-    def write(self, path: Path, record: dict[str, Any]) -> bool:
-        validate_sequential_record(record)
-        with record_lock(path):
-            if record["status"] != "ok" and path.exists():
-                try:
-                    if self.read(path)["status"] == "ok":
-                        return False
-                except (OSError, ValueError):
-                    pass
-            write_json_atomic(path, record)
-        return True
 
     def describe(self, record: dict[str, Any]) -> str:
         drop = record["metrics"].get("forgetting")

@@ -56,20 +56,23 @@ def record_lock(path: str | Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def write_record_guarded(path: str | Path, record: dict[str, Any]) -> tuple[Path, bool]:
+def write_record_guarded(
+    path: str | Path, record: dict[str, Any], check: Callable[[Any], dict[str, Any]] = validate
+) -> tuple[Path, bool]:
     """Write ``record`` unless it would replace a finished run with an unfinished one; return (path, written).
 
     Under the record's lock, the current file is read again: an ``ok`` record is never replaced by a
     ``failed`` or ``interrupted`` one (a late failure, e.g. of a duplicate job, must not erase a result);
     then nothing is written and ``written`` is False. ``ok`` replaces ``ok`` (a deliberate rerun); a
-    missing, unreadable or invalid file is replaced.
+    missing, unreadable or invalid file is replaced. ``check`` validates a record of the kind (a run record by
+    default; merge, retention and sequential records have their own).
     """
     path = Path(path)
-    validate(record)
+    check(record)
     with record_lock(path):
         if record["status"] != "ok":
             try:
-                current = read_record(path)
+                current = check(load_json_object(path))
             except (OSError, ValueError):
                 current = None
             if current is not None and current["status"] == "ok":
