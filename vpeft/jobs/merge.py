@@ -33,7 +33,7 @@ from vpeft.config import check_keys
 from vpeft.data import load_task
 from vpeft.engine.loop import evaluate
 from vpeft.errors import ConfigError, DataError, NotMergeableError, UnknownNameError, check_value, shown
-from vpeft.jobs.runner import Context, Job, Plan, hydra_overrides
+from vpeft.jobs.runner import Context, Job, Plan, hydra_overrides, record_envelope
 from vpeft.jobs.train import plan_run, seed_everything
 from vpeft.methods import METHODS, mergeable_methods
 from vpeft.progress import progress
@@ -116,23 +116,16 @@ class MergeJob(Job):
                     extra={"runs": runs, "tasks": tasks, "grid": grid, "params": params})  # fmt: skip
 
     def base_record(self, plan: Plan, env: dict[str, Any], started: str) -> dict[str, Any]:
-        return {
-            "kind": MERGE_KIND,
-            "schema_version": MERGE_SCHEMA_VERSION,
-            "status": "failed",
-            "error": None,
-            **plan.identity,
-            "params": {},
-            "selection": None,
-            "per_task": {},
-            "metrics": {},
-            "cost": {},
-            "env": env,
-            "config": plan.resolved,
-            "overrides": plan.overrides,
-            "started_at": started,
-            "finished_at": None,
-        }
+        return record_envelope(
+            plan,
+            env,
+            started,
+            MERGE_KIND,
+            MERGE_SCHEMA_VERSION,
+            params={},
+            selection=None,
+            per_task={},
+        )
 
     def describe(self, record: dict[str, Any]) -> str:
         top1 = record["metrics"].get("mean_top1")

@@ -28,7 +28,7 @@ from vpeft.engine.loop import resolve_amp
 from vpeft.errors import ConfigError, DataError
 from vpeft.files import path_part
 from vpeft.jobs.merge import _data_args, _unfinished, run_config, task_dataset
-from vpeft.jobs.runner import Context, Job, Plan, hydra_overrides
+from vpeft.jobs.runner import Context, Job, Plan, hydra_overrides, record_envelope
 from vpeft.jobs.train import plan_run, run_backbone
 from vpeft.probe import extract_features, knn_top1, retention
 from vpeft.probe.cache import cache_file, feature_key, read_features, tensor_digest, write_features
@@ -109,28 +109,21 @@ class RetentionJob(Job):
 
     def base_record(self, plan: Plan, env: dict[str, Any], started: str) -> dict[str, Any]:
         x = plan.extra
-        return {
-            "kind": RETENTION_KIND,
-            "schema_version": RETENTION_SCHEMA_VERSION,
-            "status": "failed",
-            "error": None,
-            **plan.identity,
-            "run": {"record": str(x["run"].record_path), "config_hash": x["run"].identity["config_hash"]},
-            "probe": {
+        return record_envelope(
+            plan,
+            env,
+            started,
+            RETENTION_KIND,
+            RETENTION_SCHEMA_VERSION,
+            run={"record": str(x["run"].record_path), "config_hash": x["run"].identity["config_hash"]},
+            probe={
                 "tasks": [x["names"][t] for t in x["tasks"]],
                 "k": x["probe"]["k"],
                 "temperature": x["probe"]["temperature"],
                 "left_out": x["left_out"],
-            },  # fmt: skip
-            "per_task": {},
-            "metrics": {},
-            "cost": {},
-            "env": env,
-            "config": plan.resolved,
-            "overrides": plan.overrides,
-            "started_at": started,
-            "finished_at": None,
-        }
+            },
+            per_task={},
+        )
 
     def describe(self, record: dict[str, Any]) -> str:
         mean = record["metrics"].get("mean_retention")

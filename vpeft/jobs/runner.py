@@ -120,6 +120,17 @@ class Job:
         return None
 
 
+def record_envelope(plan: Plan, env: dict[str, Any], started: str, kind: str, version: int,
+                    **fields: Any) -> dict[str, Any]:  # fmt: skip
+    """A job's record before it runs (``failed`` until it finishes): its kind, the plan's identity, the job's own
+    empty ``fields``, then what every record carries (metrics, cost, environment, config, times)."""
+    return {
+        "kind": kind, "schema_version": version, "status": "failed", "error": None, **plan.identity, **fields,
+        "metrics": {}, "cost": {}, "env": env, "config": plan.resolved, "overrides": plan.overrides,
+        "started_at": started, "finished_at": None,
+    }  # fmt: skip
+
+
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 

@@ -29,7 +29,7 @@ from vpeft.errors import ConfigError, DataError
 from vpeft.files import path_part
 from vpeft.jobs.merge import _data_args, _dataset_overrides, _unfinished, run_config
 from vpeft.jobs.retention import train_command
-from vpeft.jobs.runner import Context, Job, Plan, hydra_overrides
+from vpeft.jobs.runner import Context, Job, Plan, hydra_overrides, record_envelope
 from vpeft.jobs.train import build_optimizer, plan_run, run_backbone
 from vpeft.results import config_hash, read_record
 from vpeft.results.sequential import (
@@ -81,22 +81,15 @@ class SequentialJob(Job):
         return Plan(cfg, resolved, hydra_overrides()[0], ident, path, extra={"runs": [first, second], "tasks": tasks})
 
     def base_record(self, plan: Plan, env: dict[str, Any], started: str) -> dict[str, Any]:
-        return {
-            "kind": SEQUENTIAL_KIND,
-            "schema_version": SEQUENTIAL_SCHEMA_VERSION,
-            "status": "failed",
-            "error": None,
-            **plan.identity,
-            "first": {},
-            "second": {},
-            "metrics": {},
-            "cost": {},
-            "env": env,
-            "config": plan.resolved,
-            "overrides": plan.overrides,
-            "started_at": started,
-            "finished_at": None,
-        }
+        return record_envelope(
+            plan,
+            env,
+            started,
+            SEQUENTIAL_KIND,
+            SEQUENTIAL_SCHEMA_VERSION,
+            first={},
+            second={},
+        )
 
     def describe(self, record: dict[str, Any]) -> str:
         drop = record["metrics"].get("forgetting")
