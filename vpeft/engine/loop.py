@@ -103,14 +103,33 @@ class TrainResult:
 
 
 class Normalizer:
-    """uint8 [N,3,H,W] -> float, (x/255 - mean) / std, on the device."""
+    """uint8 [N,3,H,W] -> (x/255 - mean) / std in ``dtype`` (the model's: float32, or float64 for exact checks),
+    on the device."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device):
-        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device))).view(1, 3, 1, 1)
-        self.shift = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, 3, 1, 1)
+    def __init__(
+        self, mean: Sequence[float], std: Sequence[float], device: torch.device, dtype: torch.dtype = torch.float32
+    ):
+        self.dtype = dtype
+        self.scale = (1.0 / (255.0 * torch.tensor(std, device=device, dtype=dtype))).view(1, 3, 1, 1)
+        self.shift = (
+            -torch.tensor(mean, device=device, dtype=dtype) / torch.tensor(std, device=device, dtype=dtype)
+        ).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, images.float(), self.scale)
+        return torch.addcmul(self.shift, images.to(self.dtype), self.scale)
+
+
+def at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """Logits for the loss: bf16 (autocast) raised to float32; float32 and float64 as they are."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def input_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype the model computes in (its first floating parameter's): what its input is cast to."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return torch.float64 if p.dtype == torch.float64 else torch.float32
+    return torch.float32
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
@@ -171,7 +190,7 @@ def evaluate(
 ) -> tuple[float, float]:
     """Top-1 accuracy (%) and mean cross-entropy of ``model`` on a uint8 split."""
     amp = resolve_amp(amp, device)
-    normalize = Normalizer(mean, std, device)
+    normalize = Normalizer(mean, std, device, input_dtype(model))
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
@@ -185,7 +204,7 @@ def evaluate(
         with autocast(amp, device):
             logits = model(x)
         correct += (logits.argmax(-1) == y).sum()
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+        loss_sum += F.cross_entropy(at_least_fp32(logits), y, reduction="sum").double()
     model.train(was_training)
     n = max(len(labels), 1)
     return 100.0 * correct.item() / n, loss_sum.item() / n
@@ -217,7 +236,7 @@ def train(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     step_model = torch.compile(model) if cfg.compile else model
-    normalize = Normalizer(mean, std, device)
+    normalize = Normalizer(mean, std, device, input_dtype(model))
     images = _place(train_images, device, cfg.data_on_device)
     eval_images = _place(eval_images, device, cfg.data_on_device)
     labels = train_labels.to(images.device)
@@ -254,7 +273,7 @@ def train(
             forward = step_model if len(idx) == cfg.batch_size else model
             with autocast(amp, device):
                 logits = forward(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(at_least_fp32(logits), y, label_smoothing=cfg.label_smoothing)
             reg = method.regularization(model) if method is not None else None
             optimizer.zero_grad(set_to_none=True)
             (loss if reg is None else loss + reg).backward()

@@ -38,6 +38,8 @@ class Method:
     # config fields added after delta files were first written, with the value such an older file implies
     # (a file without the field was trained without what it switches on)
     legacy_defaults: ClassVar[dict[str, Any]] = {}
+    # why runs of this method cannot share a training step with others (vpeft.engine.packed); "" : they can
+    runs_alone: ClassVar[str] = ""
 
     def __init__(self, config: MethodConfig):
         self.config = config

@@ -153,6 +153,7 @@ class AdaLoRA(Method):
     Config = AdaLoRAConfig
     mergeable = True
     merge_atol = 1e-5
+    runs_alone = "AdaLoRA prunes each run's ranks every step from that run's own importance scores"
 
     def __init__(self, config: AdaLoRAConfig):
         super().__init__(config)

@@ -96,6 +96,7 @@ def read_adapter(path: str, expected_sha: str | None) -> tuple[dict[str, torch.T
 @register("adapter_fusion")
 class AdapterFusionMethod(Method):
     Config = AdapterFusionConfig
+    runs_alone = "AdapterFusion loads a pool of adapter files into each run and regularises its values"
 
     def inject(self, model: nn.Module) -> None:
         cfg: AdapterFusionConfig = self.config

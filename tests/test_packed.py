@@ -1,0 +1,245 @@
+"""Packed training against each run trained alone by ``vpeft.engine.train``, in float64.
+
+Three runs of one method with different tasks (5 and 3 classes, split sizes that leave a partial last
+batch), seeds, learning rates and weight decays train in one pack; each must end where it ends alone:
+the same per-epoch losses, learning rates, evaluation, trained tensors and optimizer state.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from conftest import make_vit
+
+import vpeft
+from vpeft.engine import TrainConfig, param_groups, train
+from vpeft.engine.packed import PackedRun, PackError, train_packed
+from vpeft.methods import METHODS
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+DEVICE = torch.device("cpu")
+# the methods' own stochastic layers off: packed runs draw no random numbers (yet)
+QUIET = {"adaptformer": {"dropout": 0.0}, "fact": {"dropout": 0.0}, "repadapter": {"dropout": 0.0},
+         "adapter_plus": {"drop_path": 0.0}}  # fmt: skip
+ALONE = {"full", "adalora", "adapter_fusion"}
+PACKABLE = [m for m in vpeft.list_methods() if m not in ALONE]
+
+
+def task(classes: int, n_train: int, n_eval: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n_train + n_eval, 3, 32, 32), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, classes, (n_train + n_eval,), generator=g)
+    return images[:n_train], labels[:n_train], images[n_train:], labels[n_train:]
+
+
+TASKS = {"five": (5, task(5, 40, 24, 1)), "three": (3, task(3, 40, 30, 2))}
+
+
+def build(method: str, task_name: str, seed: int, optim: dict, **method_kwargs) -> PackedRun:
+    """A run as the training job builds it: the shared backbone, then the run's seed for its head and delta."""
+    classes, (xtr, ytr, xev, yev) = TASKS[task_name]
+    model = make_vit(seed=0).double()
+    torch.manual_seed(seed)
+    model.reset_classifier(classes)
+    model.double()
+    vpeft.apply_method(model, method, **{**QUIET.get(method, {}), **method_kwargs})
+    model.train()
+    kind = optim.get("kind", "adamw")
+    groups = param_groups(model, optim["weight_decay"], decay_1d=optim.get("decay_1d", False))
+    if kind == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=optim["lr"], betas=(0.9, 0.999))
+    else:
+        optimizer = torch.optim.SGD(groups, lr=optim["lr"], momentum=0.9)
+    return PackedRun(model, optimizer, xtr, ytr, xev, yev, seed=seed)
+
+
+def copied(run: PackedRun) -> PackedRun:
+    """A copy of the run's model and optimizer (taken before the pack trains them)."""
+    model = copy.deepcopy(run.model)
+    named = dict(model.named_parameters())
+    ids = {id(p): n for n, p in run.model.named_parameters()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [named[ids[id(p)]] for p in g["params"]]}
+              for g in run.optimizer.param_groups]  # fmt: skip
+    optimizer = type(run.optimizer)(groups)
+    return dataclasses.replace(run, model=model, optimizer=optimizer)
+
+
+def alone(run: PackedRun, config: TrainConfig):
+    """The run trained by itself through vpeft.engine.train."""
+    result = train(run.model, run.train_images, run.train_labels, run.eval_images, run.eval_labels, run.optimizer,
+                   config, MEAN, STD, DEVICE, seed=run.seed)  # fmt: skip
+    return run.model, run.optimizer, result
+
+
+def packed_and_alone(runs: list[PackedRun], config: TrainConfig):
+    """The pack's results, and each run's own (trained from copies taken before the pack)."""
+    copies = [copied(r) for r in runs]
+    results = train_packed(runs, config, MEAN, STD, DEVICE)
+    return results, copies
+
+
+def close(a: float, b: float, tol: float = 1e-12) -> bool:
+    return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
+
+
+def assert_equal_entries(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Within 1e-12, but for entries that are roundoff on both sides.
+
+    A key's bias cannot change attention (softmax ignores a shift shared by all keys), so its gradient is
+    zero in exact arithmetic and about 1e-20 in floating point, differently rounded alone and packed.
+    AdamW divides that by sqrt(v) + eps and moves the entry by up to about 1e-13 per step: such entries
+    stay below 1e-10 on both sides (checked), while every other entry agrees to 1e-12.
+    """
+    diff = (a - b).abs()
+    noise = torch.maximum(a.abs(), b.abs()) <= 1e-10
+    bad = (diff > 1e-12) & ~noise
+    assert not bad.any(), f"{name}: {diff[bad].max().item()} at {bad.nonzero()[0].tolist()}"
+
+
+def assert_same_as_alone(runs: list[PackedRun], config: TrainConfig, results, copies) -> None:
+    for run, packed, own in zip(runs, results, copies, strict=True):
+        model, optimizer, result = alone(own, config)
+        assert not isinstance(packed, Exception), packed
+        assert len(packed.epochs) == len(result.epochs)
+        for a, b in zip(packed.epochs, result.epochs, strict=True):
+            assert close(a.train_loss, b.train_loss), (a, b)
+            assert close(a.lr, b.lr), (a, b)
+        assert packed.top1 == result.top1
+        assert close(packed.eval_loss, result.eval_loss)
+        mine = dict(run.model.named_parameters())
+        for name, p in model.named_parameters():
+            assert_equal_entries(name, mine[name].detach(), p.detach())
+        theirs = {id(p): n for n, p in model.named_parameters()}
+        names = {id(p): n for n, p in run.model.named_parameters()}
+        want = {theirs[id(p)]: s for p, s in optimizer.state.items()}
+        got = {names[id(p)]: s for p, s in run.optimizer.state.items()}
+        assert sorted(got) == sorted(want)
+        for name, state in want.items():
+            assert sorted(got[name]) == sorted(state), name
+            for key, value in state.items():
+                assert_equal_entries(f"{name} {key}", got[name][key].double(), value.double())
+
+
+CONFIG = TrainConfig(epochs=3, batch_size=16, warmup_epochs=1, eval_batch_size=16, amp="none", progress=False)
+
+
+@pytest.mark.parametrize("method", PACKABLE)
+def test_packed_runs_end_where_each_ends_alone(method):
+    """Tasks with 5 and 3 classes, seeds, lr, weight decay and its rule all differ; 40 images in batches of 16."""
+    runs = [
+        build(method, "five", 1, {"lr": 1e-2, "weight_decay": 1e-4}),
+        build(method, "three", 2, {"lr": 3e-3, "weight_decay": 5e-2}),
+        build(method, "five", 3, {"lr": 5e-3, "weight_decay": 0.0}),  # one param group where the others have two
+        build(method, "three", 4, {"lr": 2e-3, "weight_decay": 1e-2, "decay_1d": True}),  # 1-D tensors decay too
+    ]
+    results, copies = packed_and_alone(runs, CONFIG)
+    assert_same_as_alone(runs, CONFIG, results, copies)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(
+            epochs=2,
+            batch_size=16,
+            warmup_epochs=0,
+            label_smoothing=0.1,
+            grad_clip=0.05,
+            amp="none",
+            progress=False,
+            eval_every=1,
+        ),  # fmt: skip
+    ],
+    ids=["smoothing-clip-eval_every"],
+)
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_label_smoothing_clipping_and_sgd(config, kind):
+    """Label smoothing over each run's own classes, each run's own gradient norm clipped, SGD with momentum."""
+    runs = [
+        build("lora", "five", 4, {"lr": 2e-2, "weight_decay": 1e-3, "kind": kind}),
+        build("lora", "three", 5, {"lr": 1e-2, "weight_decay": 0.0, "kind": kind}),
+    ]
+    results, copies = packed_and_alone(runs, config)
+    assert_same_as_alone(runs, config, results, copies)
+    assert results[0].best_epoch is not None
+
+
+def test_gradients_do_not_cross_runs():
+    """The gradient of run k's loss is zero outside run k's slice of every stacked tensor."""
+    from torch.func import functional_call, vmap
+
+    runs = [build("ssf", "five", s, {"lr": 1e-2, "weight_decay": 0.0}) for s in (1, 2, 3)]
+    template = runs[0].model
+    names = [n for n, p in template.named_parameters() if p.requires_grad]
+    params = {
+        n: torch.stack([dict(r.model.named_parameters())[n].detach() for r in runs]).requires_grad_() for n in names
+    }
+    x = torch.randn(3, 4, 3, 32, 32, dtype=torch.float64)
+    logits = vmap(lambda p, xb: functional_call(template, p, (xb,)))(params, x)
+    for k in range(3):
+        grads = torch.autograd.grad(logits[k].square().sum(), list(params.values()), retain_graph=True)
+        for name, g in zip(names, grads, strict=True):
+            others = torch.cat([g[:k].flatten(), g[k + 1 :].flatten()])
+            assert torch.count_nonzero(others) == 0, name
+            assert torch.count_nonzero(g[k]) > 0 or name.startswith("head"), name
+
+
+def test_a_diverging_run_fails_alone():
+    """An lr of 1e200 makes one run's loss non-finite: it fails with the single run's error, the others match alone."""
+    runs = [
+        build("lora", "five", 1, {"lr": 1e-2, "weight_decay": 0.0}),
+        build("lora", "five", 2, {"lr": 1e200, "weight_decay": 0.0}),
+        build("lora", "three", 3, {"lr": 1e-2, "weight_decay": 0.0}),
+    ]
+    config = TrainConfig(epochs=3, batch_size=16, warmup_epochs=0, amp="none", progress=False)
+    results, copies = packed_and_alone(runs, config)
+    assert isinstance(results[1], vpeft.engine.DivergedError)
+    assert "training diverged" in str(results[1])
+    with pytest.raises(vpeft.engine.DivergedError):
+        alone(copies[1], config)
+    assert_same_as_alone([runs[0], runs[2]], config, [results[0], results[2]], [copies[0], copies[2]])
+
+
+def test_runs_that_cannot_share_a_step_are_refused():
+    """Each refusal names what differs."""
+    a = build("lora", "five", 1, {"lr": 1e-2, "weight_decay": 0.0})
+    with pytest.raises(PackError, match="method"):
+        train_packed([a, build("lora", "five", 2, {"lr": 1e-2, "weight_decay": 0.0}, r=4)], CONFIG, MEAN, STD, DEVICE)
+    with pytest.raises(PackError, match="method"):
+        train_packed([a, build("ssf", "five", 2, {"lr": 1e-2, "weight_decay": 0.0})], CONFIG, MEAN, STD, DEVICE)
+    other = build("lora", "five", 2, {"lr": 1e-2, "weight_decay": 0.0})
+    with torch.no_grad():
+        other.model.blocks[0].attn.qkv.weight.add_(1e-9)
+    with pytest.raises(PackError, match="frozen blocks.0.attn.qkv.weight"):
+        train_packed([a, other], CONFIG, MEAN, STD, DEVICE)
+    short = build("lora", "five", 2, {"lr": 1e-2, "weight_decay": 0.0})
+    short.train_images, short.train_labels = short.train_images[:30], short.train_labels[:30]
+    with pytest.raises(PackError, match="30 training images"):
+        train_packed([a, short], CONFIG, MEAN, STD, DEVICE)
+    sgd = build("lora", "five", 2, {"lr": 1e-2, "weight_decay": 0.0, "kind": "sgd"})
+    with pytest.raises(PackError, match="optimizer"):
+        train_packed([a, sgd], CONFIG, MEAN, STD, DEVICE)
+    momentum = build("lora", "five", 2, {"lr": 1e-2, "weight_decay": 0.0})
+    momentum.optimizer.param_groups[0]["betas"] = (0.8, 0.999)
+    with pytest.raises(PackError, match="betas"):
+        train_packed([a, momentum], CONFIG, MEAN, STD, DEVICE)
+    noisy = build("lora", "five", 2, {"lr": 1e-2, "weight_decay": 0.0}, dropout=0.1)
+    with pytest.raises(PackError, match="random numbers"):
+        train_packed([noisy], CONFIG, MEAN, STD, DEVICE)
+
+
+@pytest.mark.parametrize("method", sorted(ALONE))
+def test_methods_that_run_alone_say_why(method):
+    assert METHODS.get(method).runs_alone
+    from vpeft.engine.packed import check_packable
+
+    cls = METHODS.get(method)
+    with pytest.raises(PackError, match=f"{method} runs cannot be packed: {cls.runs_alone}"):
+        check_packable(cls.__new__(cls), make_vit())
+
+
+def test_every_other_method_packs():
+    assert {m for m in vpeft.list_methods() if METHODS.get(m).runs_alone} == ALONE
