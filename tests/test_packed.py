@@ -12,7 +12,8 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import make_vit
+from conftest import TINY, make_vit
+from timm.models.vision_transformer import VisionTransformer
 
 import vpeft
 from vpeft.engine import TrainConfig, param_groups, train
@@ -21,9 +22,10 @@ from vpeft.methods import METHODS
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 DEVICE = torch.device("cpu")
-# the methods' own stochastic layers off: packed runs draw no random numbers (yet)
-QUIET = {"adaptformer": {"dropout": 0.0}, "fact": {"dropout": 0.0}, "repadapter": {"dropout": 0.0},
-         "adapter_plus": {"drop_path": 0.0}}  # fmt: skip
+# every method with its own dropout / drop path as configured, LoRA's and the prompts' dropout on too, and
+# stochastic depth 0.1 in the backbone: masks are keyed by (seed, step, site, position)
+NOISY = {"lora": {"dropout": 0.1}, "dora": {"dropout": 0.1}, "vpt_deep": {"dropout": 0.1},
+         "vpt_shallow": {"dropout": 0.1}}  # fmt: skip
 ALONE = {"full", "adalora", "adapter_fusion"}
 PACKABLE = [m for m in vpeft.list_methods() if m not in ALONE]
 
@@ -38,14 +40,19 @@ def task(classes: int, n_train: int, n_eval: int, seed: int) -> tuple[torch.Tens
 TASKS = {"five": (5, task(5, 40, 24, 1)), "three": (3, task(3, 40, 30, 2))}
 
 
-def build(method: str, task_name: str, seed: int, optim: dict, **method_kwargs) -> PackedRun:
+def backbone(drop_path: float) -> VisionTransformer:
+    torch.manual_seed(0)
+    return VisionTransformer(**{**TINY, "drop_path_rate": drop_path})
+
+
+def build(method: str, task_name: str, seed: int, optim: dict, drop_path: float = 0.1, **method_kwargs) -> PackedRun:
     """A run as the training job builds it: the shared backbone, then the run's seed for its head and delta."""
     classes, (xtr, ytr, xev, yev) = TASKS[task_name]
-    model = make_vit(seed=0).double()
+    model = backbone(drop_path).double()
     torch.manual_seed(seed)
     model.reset_classifier(classes)
     model.double()
-    vpeft.apply_method(model, method, **{**QUIET.get(method, {}), **method_kwargs})
+    vpeft.apply_method(model, method, **{**NOISY.get(method, {}), **method_kwargs})
     model.train()
     kind = optim.get("kind", "adamw")
     groups = param_groups(model, optim["weight_decay"], decay_1d=optim.get("decay_1d", False))
@@ -171,7 +178,7 @@ def test_gradients_do_not_cross_runs():
     """The gradient of run k's loss is zero outside run k's slice of every stacked tensor."""
     from torch.func import functional_call, vmap
 
-    runs = [build("ssf", "five", s, {"lr": 1e-2, "weight_decay": 0.0}) for s in (1, 2, 3)]
+    runs = [build("ssf", "five", s, {"lr": 1e-2, "weight_decay": 0.0}, drop_path=0.0) for s in (1, 2, 3)]
     template = runs[0].model
     names = [n for n, p in template.named_parameters() if p.requires_grad]
     params = {
@@ -226,9 +233,25 @@ def test_runs_that_cannot_share_a_step_are_refused():
     momentum.optimizer.param_groups[0]["betas"] = (0.8, 0.999)
     with pytest.raises(PackError, match="betas"):
         train_packed([a, momentum], CONFIG, MEAN, STD, DEVICE)
-    noisy = build("lora", "five", 2, {"lr": 1e-2, "weight_decay": 0.0}, dropout=0.1)
-    with pytest.raises(PackError, match="random numbers"):
-        train_packed([noisy], CONFIG, MEAN, STD, DEVICE)
+    fused = build("lora", "five", 2, {"lr": 1e-2, "weight_decay": 0.0})
+    fused.model.blocks[1].attn.attn_drop.p = 0.1  # a rate timm hands to the fused attention kernel
+    with pytest.raises(PackError, match=r"blocks.1.attn.attn_drop \(Dropout 0.1\) draws from torch's generator"):
+        train_packed([fused], CONFIG, MEAN, STD, DEVICE)
+
+
+@pytest.mark.parametrize("method", ["adaptformer", "vpt_deep"])
+def test_a_run_trains_the_same_at_any_position_of_any_pack(method):
+    """Dropout and drop path masks belong to the run: alone, first of three, or last of two, it ends the same."""
+    spec = [("five", 7, 1e-2), ("three", 8, 3e-3), ("five", 9, 5e-3)]
+    runs = [build(method, t, s, {"lr": lr, "weight_decay": 1e-4}) for t, s, lr in spec]
+    first, copies = packed_and_alone(runs, CONFIG)
+    again = [build(method, t, s, {"lr": lr, "weight_decay": 1e-4}) for t, s, lr in (spec[2], spec[0])]
+    second = train_packed(again, CONFIG, MEAN, STD, DEVICE)
+    assert_same_as_alone([runs[0]], CONFIG, [first[0]], [copies[0]])
+    trained = dict(runs[0].model.named_parameters())
+    for name, p in again[1].model.named_parameters():  # run (five, 7) as the last of two
+        assert_equal_entries(name, p.detach(), trained[name].detach())
+    assert [e.train_loss for e in second[1].epochs] == pytest.approx([e.train_loss for e in first[0].epochs], 1e-12)
 
 
 @pytest.mark.parametrize("method", sorted(ALONE))

@@ -23,6 +23,7 @@ from timm.scheduler import CosineLRScheduler
 from torch import nn
 
 from vpeft.errors import ConfigError, RunFailed, check_value, shown
+from vpeft.layers import noise
 from vpeft.progress import progress as progress_bar
 
 
@@ -163,6 +164,14 @@ def _batches(
     yield from order.to(device).split(batch_size)
 
 
+def step_keys(seeds: Sequence[int], steps: int, device: torch.device) -> torch.Tensor:
+    """``[steps, runs, 2]`` int64 keys ``(seed, step)`` of every step, made once on the device."""
+    seed = torch.tensor(list(seeds), dtype=torch.int64)
+    step = torch.arange(steps, dtype=torch.int64)
+    keys = torch.stack(torch.broadcast_tensors(seed[None, :], step[:, None]), dim=-1)
+    return keys.to(device)
+
+
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
@@ -257,6 +266,8 @@ def train(
     step = 0
     total_steps = cfg.epochs * steps_per_epoch
     method = getattr(model, "vpeft_method", None)  # the applied method's training hooks (vpeft.methods._base)
+    drawing, _ = noise.counter_based(model)  # dropout and drop path masks: f(seed, step, site, position)
+    keys = step_keys([seed], total_steps, device) if drawing else None
     model.train()
     bar = progress_bar(desc=f"training epoch 1/{cfg.epochs}", total=total_steps, unit="batch", enabled=cfg.progress)
     _sync(device)
@@ -271,7 +282,7 @@ def train(
             # compiled for the full batch only: a last, smaller batch runs eagerly instead of compiling a
             # second (dynamic-shape) graph, which cost more than the compiled steps saved (H200, ViT-B)
             forward = step_model if len(idx) == cfg.batch_size else model
-            with autocast(amp, device):
+            with autocast(amp, device), noise.keyed(keys[step, 0]) if keys is not None else contextlib.nullcontext():
                 logits = forward(x)
             loss = F.cross_entropy(at_least_fp32(logits), y, label_smoothing=cfg.label_smoothing)
             reg = method.regularization(model) if method is not None else None

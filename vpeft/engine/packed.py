@@ -18,6 +18,7 @@ if ``vpeft.engine.train`` had trained it alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -44,8 +45,10 @@ from vpeft.engine.loop import (
     input_dtype,
     peak_memory_mb,
     resolve_amp,
+    step_keys,
 )
 from vpeft.errors import ConfigError
+from vpeft.layers import noise
 from vpeft.methods._base import Method, head_parameters
 from vpeft.progress import progress as progress_bar
 
@@ -73,18 +76,6 @@ class PackedRun:
     on_epoch_end: Callable[[EpochStats], None] | None = None
 
 
-def stochastic_layers(model: nn.Module) -> list[str]:
-    """The modules that draw random numbers in training (dropout, drop path); packing keeps runs independent
-    only without them."""
-    found = []
-    for name, module in model.named_modules():
-        p = getattr(module, "p", None) if isinstance(module, nn.modules.dropout._DropoutNd) else None
-        p = getattr(module, "drop_prob", p)
-        if p:
-            found.append(f"{name or 'model'} ({type(module).__name__} {p:g})")
-    return found
-
-
 def check_packable(method: Method | None, model: nn.Module) -> None:
     """Raise PackError if runs of ``method`` on ``model`` cannot share a training step, saying why."""
     if method is None:
@@ -94,12 +85,12 @@ def check_packable(method: Method | None, model: nn.Module) -> None:
     cls = type(method)
     if cls.regularization is not Method.regularization or cls.on_step is not Method.on_step:
         raise PackError(f"{method.name} runs cannot be packed: the method has per-step training hooks")
-    layers = stochastic_layers(model)
-    if layers:
-        shown = ", ".join(layers[:3]) + (f" and {len(layers) - 3} more" if len(layers) > 3 else "")
+    _, left = noise.counter_based(model)  # every dropout and drop path keyed by (seed, step, site, position)
+    if left:
+        shown = ", ".join(left[:3]) + (f" and {len(left) - 3} more" if len(left) > 3 else "")
         raise PackError(
-            f"packed runs cannot draw random numbers yet, and {method.name}'s model has {shown}; "
-            "set the method's dropout / drop_path and backbone.drop_path_rate to 0, or train one by one (pack=1)"
+            f"packed runs draw every random number from their own keyed stream, but {shown} draws from torch's "
+            "generator (a rate handed to a fused kernel); set it to 0, or train one by one (pack=1)"
         )
 
 
@@ -344,12 +335,14 @@ def train_packed(
         for r in runs
     ]
     generators = [torch.Generator().manual_seed(r.seed) for r in runs]
+    drawing = noise.number_sites(template)  # check_packable keyed the template's stochastic modules
+    keys = step_keys([r.seed for r in runs], total_steps, device) if drawing else None
     active = torch.ones(k, dtype=torch.float64, device=device)
     failed: dict[int, DivergedError] = {}
     histories: list[list[EpochStats]] = [[] for _ in runs]
     best: list[tuple[float, int] | None] = [None] * k
 
-    batched = vmap(_forward(template), in_dims=(0, 0))
+    batched = vmap(_forward(template), in_dims=(0, 0, 0 if keys is not None else None))
     template.train()
     bar = progress_bar(desc=f"training {k} packed runs, epoch 1/{cfg.epochs}", total=total_steps, unit="batch",
                        enabled=cfg.progress)  # fmt: skip
@@ -368,7 +361,7 @@ def train_packed(
             x = normalize(train_x[flat].to(device, non_blocking=True)).view(k, b, *train_x.shape[1:])
             y = train_y[flat].to(device, non_blocking=True).view(k, b)
             with autocast(amp, device):
-                logits = batched(params, x)
+                logits = batched(params, x, keys[step] if keys is not None else None)
             losses = _cross_entropy(at_least_fp32(logits), y, valid, n_classes, cfg.label_smoothing)
             for p in params.values():
                 p.grad = None
@@ -450,13 +443,15 @@ def train_packed(
     return results
 
 
-def _forward(template: nn.Module) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
-    """The template model as a function of its trainable tensors and a batch: what ``vmap`` maps over runs."""
+def _forward(template: nn.Module) -> Callable[..., torch.Tensor]:
+    """The template model as a function of its trainable tensors, a batch and the step's key (or None): what
+    ``vmap`` maps over the runs."""
 
-    def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def forward(params: dict[str, torch.Tensor], x: torch.Tensor, key: torch.Tensor | None) -> torch.Tensor:
         with warnings.catch_warnings():  # on CPU attention has no batching rule: torch loops over the runs, and says so
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
-            return functional_call(template, params, (x,))
+            with noise.keyed(key) if key is not None else contextlib.nullcontext():
+                return functional_call(template, params, (x,))
 
     return forward
 
@@ -525,14 +520,14 @@ def _evaluate(
         index = torch.tensor(members, device=device)
         sub = {name: p.detach().index_select(0, index) for name, p in params.items()}
         mask = None if valid is None else valid.index_select(0, index)
-        shared = vmap(_forward(template), in_dims=(0, None))
+        shared = vmap(_forward(template), in_dims=(0, None, None))
         correct = torch.zeros(len(members), dtype=torch.long, device=device)
         loss_sum = torch.zeros(len(members), dtype=torch.float64, device=device)
         for start in range(0, len(labels), cfg.eval_batch_size):
             x = normalize(images[start : start + cfg.eval_batch_size].to(device, non_blocking=True))
             y = labels[start : start + cfg.eval_batch_size].to(device, non_blocking=True)
             with autocast(amp, device):
-                logits = at_least_fp32(shared(sub, x))  # [k, b, C]
+                logits = at_least_fp32(shared(sub, x, None))  # [k, b, C]
             if mask is not None:
                 logits = logits.masked_fill(~mask[:, None, :], float("-inf"))
             correct += (logits.argmax(-1) == y).sum(1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vpeft.layers import noise
 from vpeft.layers.delta import Delta
 
 
@@ -37,6 +37,7 @@ class PromptedBlocks(nn.Sequential, Delta):
             self.add_module(name, block)
         self.num_prefix_tokens, self.num_tokens, self.deep = num_prefix_tokens, num_tokens, deep
         self.dropout = dropout  # a float, not a module: the Sequential must hold blocks only
+        self.noise_site = 0  # its draws are keyed (vpeft.layers.noise), one per prompt set
         sets = len(blocks) if deep else 1
         self.prompt_embeddings = nn.Parameter(torch.empty(sets, num_tokens, dim, device=device, dtype=dtype))
         bound = math.sqrt(6.0 / float(3 * patch_size[0] * patch_size[1] + dim))  # VPT's init
@@ -47,7 +48,7 @@ class PromptedBlocks(nn.Sequential, Delta):
 
     def _prompts(self, i: int, x: torch.Tensor) -> torch.Tensor:
         p = self.prompt_embeddings[i].to(x.dtype).expand(x.shape[0], -1, -1)
-        return F.dropout(p, self.dropout, self.training) if self.dropout > 0 else p
+        return noise.dropout(p, self.dropout, self.training, self.noise_site, sub=i) if self.dropout > 0 else p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p, n = self.num_prefix_tokens, self.num_tokens
