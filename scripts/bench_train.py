@@ -3,8 +3,9 @@
     python scripts/bench_train.py                      # every section, ViT-B/16 at 224, on the GPU
     python scripts/bench_train.py --sections step scaling --methods lora vpt_deep
     python scripts/bench_train.py --quick              # a CPU check of every section in a few minutes
+    python scripts/bench_train.py --sections pack --backbone dinov2_s14_offline --pack-img-size 56 --pack-epochs 2
 
-Sections: step, final, usual, peft, scaling, latency, profile, sweep (vpeft/bench/suites/train_speed.py says
+Sections: step, final, usual, peft, scaling, latency, profile, sweep, pack (vpeft/bench/suites/train_speed.py says
 what each measures). Writes results/benchmarks/train_<device>.json (every number, the environment and the
 arguments) and train_<device>.md. The data is a VTAB-1k task folder (default: the real cifar10 task in
 ../shared/data/vtab-1k/cifar10); accuracy needs pretrained weights (--checkpoint, or timm's download),
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-epochs", type=int, default=None, help="shorter sweep runs; runs/hour extrapolated")
     p.add_argument("--jobs-per-gpu", type=int, default=4, help="runs sharing the GPU in the sweep section")
     p.add_argument("--latency-batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--pack-ks", type=int, nargs="+", default=[4, 8], help="pack section: runs per pack")
+    p.add_argument("--pack-epochs", type=int, default=100, help="pack section: epochs of every run")
+    p.add_argument("--pack-img-size", type=int, default=None, help="pack section: input size (default: the config's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=str(ROOT / "results" / "benchmarks"))
     p.add_argument("--cache", default=None, help="cache root, as run.py's paths.cache (default: ~/.cache/vpeft)")
@@ -61,6 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.backbone, args.random_init, args.epochs, args.usual_epochs = "vit_tiny_random", True, 2, 1
         args.usual_workers, args.batches, args.prompts = 0, [4, 8], [4, 16]
         args.latency_batches = [1, 4]
+        args.pack_ks, args.pack_epochs = [2], 1
         if args.sweep_epochs:
             args.sweep_epochs = 1  # still shorter than the schedule: the extrapolation is exercised
         if args.sweep_runs == p.get_default("sweep_runs") and args.jobs_per_gpu == p.get_default("jobs_per_gpu"):
@@ -78,7 +83,7 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     backbones = backbone_configs()
     if args.backbone not in backbones:
         p.error(f"unknown backbone config {args.backbone!r}; valid (conf/backbone/): {', '.join(backbones)}")
-    if {"final", "usual", "sweep"} & set(args.sections):
+    if {"final", "usual", "sweep", "pack"} & set(args.sections):
         missing = [f for f in ("train800val200.txt", "test.txt") if not Path(args.data, f).is_file()]
         if missing:
             p.error(

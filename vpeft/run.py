@@ -9,6 +9,7 @@ deltas of trained runs (conf/merge/). Everything below the jobs
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -42,9 +43,28 @@ def main(cfg: DictConfig) -> dict[str, Any] | None:
         return run_job(RetentionJob(), cfg)
     if kind == "sequential":
         return run_job(SequentialJob(), cfg)
+    if cfg.get("pack_job") is not None:
+        return run_pack_job(cfg)
     if cfg.get("bench", {}).get("only", False):
         return run_job(BenchJob(), cfg)
     return run_job(TrainJob(), cfg)
+
+
+def run_pack_job(cfg: DictConfig) -> list[dict[str, Any] | None]:
+    """One pack of a sweep (``pack=K``): its runs composed from their own overrides, trained together."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from vpeft.jobs.pack import Member, read_pack, run_pack
+
+    hc = HydraConfig.get()
+    sweep_dir = Path(hc.sweep.dir)
+    index = int(cfg.pack_job)
+    members = [
+        Member(num=m["num"], overrides=m["overrides"], cfg=compose(hc.job.config_name, overrides=m["overrides"]))
+        for m in read_pack(sweep_dir, index)
+    ]
+    return run_pack(cfg, members, pack_id=f"{sweep_dir}#{index}")
 
 
 def unknown_key_hint(argv: list[str], config_dir: str) -> str | None:

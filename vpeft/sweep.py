@@ -60,7 +60,7 @@ def sweep(sweeper: Any, arguments: list[str]) -> list[Any]:
     sweep_dir = Path(str(sweeper.config.hydra.sweep.dir))
     sweep_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(sweeper.config, sweep_dir / "multirun.yaml")
-    for stale in [sweep_dir / STOP_FILE, *sweep_dir.glob(f"*/{STATUS_FILE}")]:  # a sweep run again in its folder
+    for stale in [sweep_dir / STOP_FILE, *sweep_dir.glob(f"*/{STATUS_FILE.replace('.json', '*.json')}")]:
         stale.unlink(missing_ok=True)
     batches, refused = [], []
     for batch in sweeper.split_arguments(parsed, sweeper.max_batch_size):
@@ -76,6 +76,9 @@ def sweep(sweeper: Any, arguments: list[str]) -> list[Any]:
             batches.append(valid)
     planned = [{"num": n, "overrides": o} for n, o in enumerate(o for batch in batches for o in batch)]
     write_json_atomic(sweep_dir / PLAN_FILE, {"jobs": planned, "bad_input": refused})
+    size = int(OmegaConf.select(sweeper.config, "pack", default=1) or 1)
+    if size > 1 and planned:  # the launcher's jobs become packs of runs; each run keeps its number and status
+        batches = _packs(loader, sweeper.config, planned, size, sweep_dir)
 
     stop = _Stop(sweep_dir, in_process=isinstance(sweeper.launcher, BasicLauncher))
     returns, num = [], 0
@@ -96,6 +99,32 @@ def sweep(sweeper: Any, arguments: list[str]) -> list[Any]:
                 raise
             _log.warning("the launcher ended after the stop: %s: %s", type(e).__name__, e)  # a worker Ctrl-C killed
     return returns
+
+
+# what may differ between the runs of one pack (vpeft.engine.packed); everything else must match
+PACK_MAY_DIFFER = ("dataset", "seed", "optim.lr", "optim.weight_decay", "hparams")
+
+
+def _packs(loader: Any, config: DictConfig, planned: list[dict[str, Any]], size: int, sweep_dir: Path) -> list[Any]:
+    """The sweep's runs grouped into packs of at most ``size`` that share all but PACK_MAY_DIFFER (in the order
+    they were planned), written to the sweep folder; the launcher's jobs, one per pack, in one batch."""
+    from omegaconf import OmegaConf
+
+    from vpeft.jobs.pack import write_packs
+
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for job in planned:
+        plain = OmegaConf.create(OmegaConf.to_container(loader.load_sweep_config(config, job["overrides"])))
+        for key in (*PACK_MAY_DIFFER, "hydra"):
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(plain, parent) if parent else plain
+            if node is not None and leaf in node:
+                del node[leaf]
+        groups.setdefault(OmegaConf.to_yaml(plain), []).append(job)
+    packs = [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
+    write_packs(sweep_dir, packs)
+    _log.info("%d runs in %d packs of at most %d", len(planned), len(packs), size)
+    return [[[*pack[0]["overrides"], f"pack_job={i}"] for i, pack in enumerate(packs)]]
 
 
 def _config_error(loader: Any, config: DictConfig, overrides: list[str]) -> str | None:
@@ -218,7 +247,7 @@ def summarize(sweep_dir: str | Path) -> dict[str, Any]:
     sweep_dir = Path(sweep_dir)
     plan = _read_json(sweep_dir / PLAN_FILE)
     reported, unnumbered = {}, []
-    for path in sorted(sweep_dir.glob(f"*/{STATUS_FILE}")):
+    for path in sorted(sweep_dir.glob(f"*/{STATUS_FILE.replace('.json', '*.json')}")):  # a pack's runs: one each
         job = _read_json(path)
         if job is not None:
             (unnumbered.append(job) if job.get("num") is None else reported.setdefault(job["num"], job))

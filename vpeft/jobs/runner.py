@@ -396,9 +396,15 @@ def _input_failure(e: Exception, multirun: bool) -> None:
 
 
 def _write_status(
-    record: dict[str, Any] | None, skipped: bool, plan: Plan | None, bad_input: str | None = None
+    record: dict[str, Any] | None,
+    skipped: bool,
+    plan: Plan | None,
+    bad_input: str | None = None,
+    num: int | None = None,
+    overrides: list[str] | None = None,
 ) -> None:
-    """A small status file in the Hydra job folder, read by the sweep summary callback."""
+    """A small status file in the Hydra job folder, read by the sweep summary callback; a run of a pack (``num``:
+    its number in the sweep) writes its own beside the others'."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
@@ -407,14 +413,14 @@ def _write_status(
     except (ImportError, ValueError):
         return
     status = {
-        "num": hc.job.get("num"),  # the job's number in its sweep (vpeft.sweep matches it to the sweep's plan)
+        "num": hc.job.get("num") if num is None else num,  # the run's number in its sweep (matched to its plan)
         "status": "bad_input" if bad_input is not None else record.get("status", "ok") if record else "failed",
         "skipped": skipped,
         "record": str(plan.record_path) if plan and plan.record_path and bad_input is None else None,
         "error": bad_input if bad_input is not None else record.get("error") if record else None,
-        "overrides": plan.overrides if plan else hydra_overrides()[0],
+        "overrides": plan.overrides if plan else overrides if overrides is not None else hydra_overrides()[0],
     }
-    write_json_atomic(folder / STATUS_FILE, status)
+    write_json_atomic(folder / (STATUS_FILE if num is None else STATUS_FILE.replace(".json", f".{num}.json")), status)
 
 
 def _device(cfg: DictConfig, multirun: bool) -> torch.device:

@@ -24,8 +24,9 @@ from vpeft.backbones import backbone_from_config, create_backbone
 from vpeft.bench import BenchConfig, cost_summary
 from vpeft.config import check_keys
 from vpeft.data import check_task, data_digest, load_task
-from vpeft.engine import TrainConfig, param_groups, train
+from vpeft.engine import TrainConfig, TrainResult, param_groups, train
 from vpeft.engine.loop import resolve_amp
+from vpeft.engine.packed import PackedRun
 from vpeft.env import resolve_device
 from vpeft.errors import ConfigError, VpeftError, check_value, shown
 from vpeft.jobs.runner import Context, InputError, Job, Plan, hydra_overrides
@@ -349,6 +350,16 @@ class TrainJob(Job):
         return None
 
     def execute(self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context) -> None:
+        run = self.setup(plan, device, record, ctx)
+        ctx.phase = "training"
+        bb = ctx.state["backbone"]
+        result = train(run.model, run.train_images, run.train_labels, run.eval_images, run.eval_labels, run.optimizer,
+                       TrainConfig(**plan.resolved["trainer"]), bb.mean, bb.std, device, seed=run.seed,
+                       on_epoch_end=run.on_epoch_end)  # fmt: skip
+        self.complete(plan, device, record, ctx, result)
+
+    def setup(self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context) -> PackedRun:
+        """Data, backbone, head, method and optimizer, as the run trains them (alone or in a pack)."""
         r = plan.resolved
         seed = plan.identity["seed"]
         protocol = plan.identity["protocol"]
@@ -385,21 +396,17 @@ class TrainJob(Job):
         }
         optimizer = build_optimizer(model, r["optim"])
         logger = ctx.state["logger"] = make_logger(r["logger"], plan.resolved, _run_name(plan))
-        ctx.phase = "training"
-        result = train(
-            model,
-            task.train.images,
-            task.train.labels,
-            task.eval.images,
-            task.eval.labels,
-            optimizer,
-            TrainConfig(**r["trainer"]),
-            bb.mean,
-            bb.std,
-            device,
-            seed=seed,
-            on_epoch_end=logger.log_epoch,
-        )
+        ctx.state.update(backbone=bb, task=task, model=model)
+        return PackedRun(model, optimizer, task.train.images, task.train.labels, task.eval.images, task.eval.labels,
+                         seed=seed, on_epoch_end=logger.log_epoch)  # fmt: skip
+
+    def complete(
+        self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context, result: TrainResult
+    ) -> None:
+        """The trained run's metrics, costs and delta file into its record."""
+        r = plan.resolved
+        bb, task, model = ctx.state["backbone"], ctx.state["task"], ctx.state["model"]
+        bb_cfg = r["backbone"]
         ctx.phase = "costs and delta"  # the metrics go into the record before anything else can fail
         record["metrics"] = {
             "top1": result.top1,

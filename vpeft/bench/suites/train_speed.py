@@ -21,6 +21,10 @@ Sections (all timed in this process, on the same device and data):
   sweep    final runs per GPU-hour through `run.py -m hydra/launcher=gpus` with several runs
            sharing the GPU (jobs_per_gpu), against the usual recipe's runs per hour; with
            --sweep-epochs the runs are shorter and the hour is extrapolated to --epochs.
+  pack     K tune runs (--pack-ks, each run its own seed and learning rate) trained one after
+           another through vpeft's engine and then packed into one (vpeft.engine.packed): the
+           wall-clock ratio of training and evaluation, and how far each packed run's top-1 is from
+           its run alone (--pack-epochs, --pack-img-size: a shorter, smaller run for the CPU).
 
 ``run(args)`` takes the arguments of scripts/bench_train.py and writes train_<device>.json (every number, the
 environment and the arguments) and train_<device>.md through vpeft.bench.report.
@@ -52,12 +56,14 @@ from vpeft.bench.usual import usual_run
 from vpeft.core import apply_method, list_methods, save_delta
 from vpeft.data import load_task
 from vpeft.engine.loop import TrainConfig, train
+from vpeft.engine.optim import param_groups
+from vpeft.engine.packed import PackedRun, train_packed
 from vpeft.env import device_name, environment, resolve_device
 from vpeft.files import slug
 from vpeft.results import iter_records
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout: run.py and conf/ live there
-SECTIONS = ("step", "final", "usual", "peft", "scaling", "latency", "profile", "sweep")
+SECTIONS = ("step", "final", "usual", "peft", "scaling", "latency", "profile", "sweep", "pack")
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "vtab-1k" / "cifar10"
 LORA_QKV = {"r": 8, "alpha": 8, "targets": ["q", "k", "v"]}  # the projections peft's "qkv" target adapts
 
@@ -157,9 +163,9 @@ def backbone_config(args) -> dict[str, Any]:
     return cfg
 
 
-def load_data(args, bb, cache: Path):
+def load_data(args, bb, cache: Path, protocol: str = "final"):
     return load_task(
-        "folder", "final", image_size=tuple(bb.input_size[1:]), interpolation=bb.interpolation, root=args.data,
+        "folder", protocol, image_size=tuple(bb.input_size[1:]), interpolation=bb.interpolation, root=args.data,
         cache_dir=cache,
     )  # fmt: skip
 
@@ -454,6 +460,52 @@ def section_sweep(args, device, cache: Path, usual: dict[str, Any] | None) -> di
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def section_pack(args, device, cache: Path) -> dict[str, Any]:
+    """K runs alone, one after another, then the same K runs packed: the same data, seeds and rates."""
+    cfg = backbone_config(args)
+    if args.pack_img_size:
+        cfg["img_size"] = args.pack_img_size
+    torch.manual_seed(0)
+    bb = backbone_from_config(cfg, 0)
+    task = load_data(args, bb, cache, "tune")  # the grid's stage: train800, val200
+    config = TrainConfig(epochs=args.pack_epochs, warmup_epochs=min(10, args.pack_epochs // 10), progress=False)
+    out: dict[str, Any] = {"backbone": cfg["name"], "img_size": list(bb.input_size[1:]), "method": args.method,
+                           "epochs": args.pack_epochs, "n_train": len(task.train.labels),
+                           "n_eval": len(task.eval.labels), "rows": []}  # fmt: skip
+
+    def fresh(seed: int) -> PackedRun:
+        torch.manual_seed(0)  # one backbone for every run (random-init or the same weights)
+        model = backbone_from_config(cfg, 0).model
+        torch.manual_seed(seed)
+        model.reset_classifier(task.num_classes)
+        apply_method(model, args.method)
+        optimizer = torch.optim.AdamW(param_groups(model, 1e-4), lr=args.lr * (1 + seed % 4) / 2)
+        return PackedRun(model, optimizer, task.train.images, task.train.labels, task.eval.images,
+                         task.eval.labels, seed=seed)  # fmt: skip
+
+    for k in args.pack_ks:
+        alone, start = [], time.perf_counter()
+        for seed in range(k):
+            run = fresh(seed)
+            alone.append(train(run.model, run.train_images, run.train_labels, run.eval_images, run.eval_labels,
+                               run.optimizer, config, bb.mean, bb.std, device, seed=seed))  # fmt: skip
+        sequential = time.perf_counter() - start
+        runs = [fresh(seed) for seed in range(k)]
+        start = time.perf_counter()
+        packed = train_packed(runs, config, bb.mean, bb.std, device)
+        together = time.perf_counter() - start
+        gaps = [abs(p.top1 - a.top1) for p, a in zip(packed, alone, strict=True) if not isinstance(p, Exception)]
+        out["rows"].append({
+            "k": k, "sequential_seconds": sequential, "packed_seconds": together, "ratio": sequential / together,
+            "train_seconds_alone": sum(a.train_seconds for a in alone), "eval_seconds_alone": sum(
+                a.eval_seconds for a in alone), "max_top1_gap": max(gaps) if gaps else None,
+            "failed": sum(isinstance(p, Exception) for p in packed),
+        })  # fmt: skip
+        log(out["rows"][-1])
+        empty_cache(device)
+    return out
+
+
 def compile_modes(args, device) -> list[bool]:
     mode = args.compile or ("both" if device.type == "cuda" else "eager")
     return {"eager": [False], "compiled": [True], "both": [False, True]}[mode]
@@ -531,6 +583,14 @@ def markdown(result: dict[str, Any]) -> str:
         notes = [f"runs per hour at {sw['epochs']} epochs" + (" (extrapolated from the shorter runs' training time)"
                  if sw.get("extrapolated") else "")]  # fmt: skip
         report.heading("Sweep throughput (run.py -m, hydra/launcher=gpus)", 3).table([sw], cols, notes)
+    if (pk := s.get("pack")) and "rows" in pk:
+        cols = [("K", "k", ""), ("one after another s", "sequential_seconds", ".1f"),
+                ("packed s", "packed_seconds", ".1f"), ("ratio", "ratio", ".2f"),
+                ("max top-1 gap", "max_top1_gap", ".2f"), ("failed", "failed", "")]  # fmt: skip
+        notes = [f"{pk['method']} on {pk['backbone']} at {pk['img_size'][0]} px, {pk['epochs']} epochs of "
+                 f"{pk['n_train']} images, evaluation on {pk['n_eval']}; wall clock of training and evaluation, "
+                 "each run alone after the other, then the same runs packed"]  # fmt: skip
+        report.heading("Packed runs against the same runs one after another", 3).table(pk["rows"], cols, notes)
     return report.markdown()
 
 
@@ -572,6 +632,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         "latency": lambda: section_latency(args, device, s.setdefault("latency", {})),
         "profile": lambda: section_profile(args, device),
         "sweep": lambda: section_sweep(args, device, cache, s.get("usual")),
+        "pack": lambda: section_pack(args, device, cache),
     }
 
     def write() -> None:

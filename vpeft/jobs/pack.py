@@ -1,0 +1,225 @@
+"""A pack: several training runs of one sweep job that share each training step (``vpeft.engine.packed``).
+
+``run.py -m ... pack=K`` groups a sweep's runs into packs of at most K (``vpeft.sweep``); each pack is one
+job of the launcher (a joblib worker, a GPU slot, a SLURM array task), and this module runs it. Every run
+of a pack keeps the guarantees of a run alone, through the runner's own steps: it is planned from its own
+overrides (the same identity, config hash and record path as ``run.py`` gives it), skipped when it is
+finished, refused with the fix when its input is bad (the others go on), recorded ``failed`` when it
+diverges (the others go on) and ``interrupted`` when a stop signal ends the pack; its record is written
+as a lone run's is, with ``cost.packed`` saying what it shared. Runs that cannot share a step with the
+others (another split size) train alone, one after another, in the same job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from vpeft.engine import TrainConfig, train
+from vpeft.engine.loop import DivergedError
+from vpeft.engine.packed import PackError, check_packable, train_packed
+from vpeft.env import environment
+from vpeft.errors import VpeftError
+from vpeft.files import write_json_atomic
+from vpeft.jobs import runner
+from vpeft.jobs.runner import Context, InputError, Plan
+from vpeft.jobs.train import TrainJob
+from vpeft.methods import METHODS
+
+log = logging.getLogger("vpeft")
+PACKS_FILE = "vpeft_packs.json"  # in the sweep folder: each pack's runs (their numbers and overrides)
+
+
+@dataclass
+class Member:
+    """One run of a pack: its number in the sweep, its overrides and config, and what it has got so far."""
+
+    num: int
+    overrides: list[str]
+    cfg: DictConfig
+    plan: Plan | None = None
+    record: dict[str, Any] | None = None
+    ctx: Context = field(default_factory=Context)
+    run: Any = None  # the PackedRun set up for it
+    done: bool = False  # its record (or its bad input) is settled
+
+
+def write_packs(sweep_dir: Path, packs: list[list[dict[str, Any]]]) -> None:
+    write_json_atomic(sweep_dir / PACKS_FILE, {"packs": packs})
+
+
+def read_pack(sweep_dir: Path, index: int) -> list[dict[str, Any]]:
+    """Pack ``index`` of the sweep: its runs' numbers and overrides."""
+    return json.loads((sweep_dir / PACKS_FILE).read_text())["packs"][index]
+
+
+class _Completion(TrainJob):
+    """The end of a packed run as the runner executes a job: its result into its record (or its divergence)."""
+
+    def __init__(self, member: Member, result: Any, k: int, pack_id: str) -> None:
+        self.member, self.result, self.k, self.pack_id = member, result, k, pack_id
+
+    def execute(self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context) -> None:
+        ctx.state.update(self.member.ctx.state)
+        ctx.phase = "training"
+        if isinstance(self.result, BaseException):
+            raise self.result
+        self.complete(plan, device, record, ctx, self.result)
+        if self.k > 1:
+            record["cost"]["packed"] = {"k": self.k, "pack_id": self.pack_id,
+                                        "train_seconds": "the pack's training wall time / k"}  # fmt: skip
+
+
+def run_pack(cfg: DictConfig, members: list[Member], pack_id: str) -> list[dict[str, Any] | None]:
+    """Plan, set up, train together and record every run of the pack; return their records."""
+    runner.mark_entered()
+    job = TrainJob()
+    _, multirun = runner.hydra_overrides()
+    device = runner._device(cfg, multirun)
+    started = runner.now()
+    env = environment(device)
+    for m in members:
+        _plan(job, m, multirun)
+    live = [m for m in members if not m.done]
+    for m in live:
+        _setup(job, m, device, env, started, multirun)
+    live = [m for m in live if not m.done]
+    previous = {s: signal.signal(s, runner._on_sigterm) for s in runner.stop_signals()}
+    try:
+        results = _train(live, device)
+    except KeyboardInterrupt as e:
+        why = str(e) or "interrupted by the user (Ctrl-C)"
+        log.error("%s during the pack's training: recording its %d runs as interrupted", why, len(live))
+        with runner.stops_held():
+            for m in live:
+                runner._finish_or_report(job, m.plan, m.record, "interrupted", f"{why} during training")
+                job.after(m.ctx, m.record, ok=False)
+                runner._write_status(m.record, False, m.plan, num=m.num)
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    for i, m in enumerate(live):
+        completion = _Completion(m, results[id(m)], len(live), pack_id)
+        try:
+            _complete(completion, m, device, multirun, started)
+        except KeyboardInterrupt as e:  # this run's record says interrupted; so do the records of the rest
+            why = str(e) or "interrupted by the user (Ctrl-C)"
+            with runner.stops_held():
+                for rest in live[i + 1 :]:
+                    runner._finish_or_report(job, rest.plan, rest.record, "interrupted", f"{why} after training")
+                    runner._write_status(rest.record, False, rest.plan, num=rest.num)
+            raise
+        finally:
+            runner._write_status(m.record, False, m.plan, num=m.num)
+    return [m.record for m in members]
+
+
+def _plan(job: TrainJob, m: Member, multirun: bool) -> None:
+    """The run's plan from its own overrides; a finished run is skipped, bad input settled without a record."""
+    try:
+        m.plan = job.plan(m.cfg)
+        m.plan.overrides = list(m.overrides)
+        method = METHODS.get(m.plan.identity["method"])
+        if method.runs_alone:
+            log.info("%s runs alone (%s)", method.name, method.runs_alone)
+    except Exception as e:
+        _bad_input(m, e if isinstance(e, VpeftError) else InputError(f"configuration error: {e}"), multirun)
+        return
+    if m.cfg.get("skip_finished", True) and m.plan.record_path.exists():
+        try:
+            previous = job.read(m.plan.record_path)
+        except (OSError, ValueError):
+            previous = None
+        missing = job.lacks(previous, m.plan) if previous is not None else None
+        if missing:
+            print(f"rerun (finished, but {missing}): {m.plan.record_path}", flush=True)
+        elif previous is not None and previous.get("status", "ok") == "ok":
+            print(f"skipped (finished): {m.plan.record_path} ({job.describe(previous)})", flush=True)
+            m.record, m.done = previous, True
+            runner._write_status(previous, True, m.plan, num=m.num)
+            return
+    try:
+        runner.check_writable(m.plan.record_path.parent)
+    except OSError as e:
+        _bad_input(m, InputError(runner._unwritable(m.cfg, m.plan.record_path.parent, e)), multirun)
+
+
+def _bad_input(m: Member, e: VpeftError, multirun: bool) -> None:
+    m.done = True
+    if multirun:
+        log.error("bad input, no record: %s", e)
+    else:
+        print(f"error: {e}")
+    runner._write_status(None, False, m.plan, bad_input=str(e), num=m.num, overrides=m.overrides)
+
+
+def _setup(job: TrainJob, m: Member, device: torch.device, env: dict[str, Any], started: str, multirun: bool) -> None:
+    m.record = job.base_record(m.plan, env, started)
+    try:
+        m.run = job.setup(m.plan, device, m.record, m.ctx)
+    except VpeftError as e:  # missing data, no network for the weights: bad input, no record
+        job.after(m.ctx, m.record, ok=False)
+        _bad_input(m, e, multirun)
+    except Exception as e:
+        import traceback
+
+        error = f"{type(e).__name__}: {e} (during setup)\n{traceback.format_exc(limit=-3)}"
+        runner._finish_or_report(job, m.plan, m.record, "failed", error)
+        job.after(m.ctx, m.record, ok=False)
+        runner._write_status(m.record, False, m.plan, num=m.num)
+        m.done = True
+
+
+def _train(live: list[Member], device: torch.device) -> dict[int, Any]:
+    """Each run's TrainResult (or its DivergedError): the runs that can share a step train together, per group
+    of one split size and trainer config; a run whose method cannot pack trains alone."""
+    groups: dict[str, list[Member]] = {}
+    for m in live:
+        method = m.run.model.vpeft_method
+        try:
+            check_packable(method, m.run.model)
+            key = repr((len(m.run.train_labels), sorted(m.plan.resolved["trainer"].items())))
+        except PackError as e:
+            log.info("%s: trains alone (%s)", m.plan.record_path.name, e)
+            key = f"alone-{m.num}"
+        groups.setdefault(key, []).append(m)
+    results: dict[int, Any] = {}
+    for group in groups.values():
+        for m in group:
+            m.ctx.phase = "training"
+        first = group[0]
+        trainer = TrainConfig(**first.plan.resolved["trainer"])
+        bb = first.ctx.state["backbone"]
+        if len(group) > 1:
+            try:
+                outcome = train_packed([m.run for m in group], trainer, bb.mean, bb.std, device)
+                results.update({id(m): r for m, r in zip(group, outcome, strict=True)})
+                continue
+            except PackError as e:  # another backbone, optimizer or grouping: the runs train one by one
+                log.warning("these %d runs cannot share a step (%s); they train one after another", len(group), e)
+        for m in group:
+            r = m.run
+            try:
+                results[id(m)] = train(r.model, r.train_images, r.train_labels, r.eval_images, r.eval_labels,
+                                       r.optimizer, TrainConfig(**m.plan.resolved["trainer"]), bb.mean, bb.std,
+                                       device, seed=r.seed, on_epoch_end=r.on_epoch_end)  # fmt: skip
+            except DivergedError as e:
+                results[id(m)] = e
+    return results
+
+
+def _complete(completion: _Completion, m: Member, device: torch.device, multirun: bool,
+              started: str) -> dict[str, Any] | None:  # fmt: skip
+    """The runner's own execution of a job, for the end of one packed run: its record written (failed when it
+    diverged), a stop signal that comes meanwhile obeyed once the record is on disk."""
+    record = m.record
+    completion.base_record = lambda plan, env, started: record  # the record set up for the run, as it stands
+    return runner._execute(completion, m.plan, device, multirun, started)
