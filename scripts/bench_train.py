@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pack-ks", type=int, nargs="+", default=[4, 8], help="pack section: runs per pack")
     p.add_argument("--pack-epochs", type=int, default=100, help="pack section: epochs of every run")
     p.add_argument("--pack-img-size", type=int, default=None, help="pack section: input size (default: the config's)")
+    p.add_argument("--pack-protocol", choices=("tune", "final"), default="tune", help="pack section: the runs' splits")
+    p.add_argument("--pack-compile", action="store_true", help="pack section: torch.compile, alone and packed")
+    p.add_argument("--sweep-pack", type=int, default=1, help="sweep section: runs per pack (run.py's pack=K)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=str(ROOT / "results" / "benchmarks"))
     p.add_argument("--cache", default=None, help="cache root, as run.py's paths.cache (default: ~/.cache/vpeft)")
@@ -65,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.backbone, args.random_init, args.epochs, args.usual_epochs = "vit_tiny_random", True, 2, 1
         args.usual_workers, args.batches, args.prompts = 0, [4, 8], [4, 16]
         args.latency_batches = [1, 4]
-        args.pack_ks, args.pack_epochs = [2], 1
+        if args.pack_ks == p.get_default("pack_ks") and args.pack_epochs == p.get_default("pack_epochs"):
+            args.pack_ks, args.pack_epochs = [2], 1
         if args.sweep_epochs:
             args.sweep_epochs = 1  # still shorter than the schedule: the extrapolation is exercised
         if args.sweep_runs == p.get_default("sweep_runs") and args.jobs_per_gpu == p.get_default("jobs_per_gpu"):

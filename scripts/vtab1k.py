@@ -61,8 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="replace the recipe's tune grid, one key per --grid, e.g. --grid optim.lr=1e-3,5e-3 --grid method.r=4,8",
     )
+    parser.add_argument(
+        "--pack", type=int, default=1, metavar="K", help="train up to K runs of a sweep together (run.py's pack=K)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args, overrides = parser.parse_known_args(argv)
+    if args.pack < 1:
+        parser.error(f"--pack must be at least 1, got {args.pack}")
     unknown = [o for o in overrides if o.startswith("-")]
     if unknown:
         parser.error(f"unknown option {unknown[0]}; what is not an option is a run.py override (optim.lr=1e-3)")
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     base.append(f"dataset={args.tasks}")
 
     def launch(extra: list[str]) -> int:
-        cmd = [*base, *extra, *overrides]
+        cmd = [*base, *extra, *overrides, *([f"pack={args.pack}"] if args.pack > 1 else [])]
         print("$", " ".join(cmd), flush=True)
         return 0 if args.dry_run else subprocess.call(cmd)  # in the caller's folder, where it reads the records
 

@@ -41,8 +41,8 @@ def test_dry_run_packs_and_runs_every_step(real_cifar10, tmp_path):
     result = json.loads((out / "gpu_check_dry.json").read_text())
     steps = result["steps"]
     assert list(steps) == [
-        "pytest_gpu", "launcher", "accuracy", "step_eager", "final", "step_compiled", "peft", "latency", "profile",
-        "sweep", "pytest_gpu_slow", "serve",
+        "pytest_gpu", "launcher", "pack", "pack_parity", "accuracy", "step_eager", "final", "step_compiled", "peft",
+        "latency", "profile", "sweep", "pytest_gpu_slow", "serve",
     ]  # fmt: skip
     # no GPU: the GPU tests are all skipped, and the check says so rather than calling them passed
     for name in ("pytest_gpu", "pytest_gpu_slow"):
@@ -62,7 +62,9 @@ def test_dry_run_packs_and_runs_every_step(real_cifar10, tmp_path):
         "lora", "ssf", "adapter_houlsby", "vpt_deep"
     }  # fmt: skip
     assert "Self CPU time total" in next(iter(steps["profile"]["sections"]["profile"].values()))["table"]
-    assert [r["jobs_per_gpu"] for r in steps["sweep"]["runs"]] == [1, 4]
+    assert [(r["jobs_per_gpu"], r["pack"]) for r in steps["sweep"]["runs"]] == [(1, 1), (4, 1), (1, 8)]
+    assert steps["pack"]["runs"][0]["k"] == 8 and steps["pack"]["runs"][0]["failed"] == 0
+    assert len(steps["pack_parity"]["gaps"]) == 3
     assert all(r["extrapolated"] and r["ok"] == r["runs"] for r in steps["sweep"]["runs"])
     assert {t["target"].split(" ")[0] for t in result["targets"]} >= {"linear", "lora", "merged"}
     md = (out / "gpu_check_dry.md").read_text()

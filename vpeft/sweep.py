@@ -111,10 +111,17 @@ def _packs(loader: Any, config: DictConfig, planned: list[dict[str, Any]], size:
     from omegaconf import OmegaConf
 
     from vpeft.jobs.pack import write_packs
+    from vpeft.jobs.train import apply_hparams
 
     groups: dict[str, list[dict[str, Any]]] = {}
     for job in planned:
-        plain = OmegaConf.create(OmegaConf.to_container(loader.load_sweep_config(config, job["overrides"])))
+        cfg = loader.load_sweep_config(config, job["overrides"])
+        try:
+            apply_hparams(cfg)  # a task's chosen values (hparams=FILE) decide its pack too
+        except Exception:  # the run itself says what is wrong with the file; here it just packs alone
+            groups[f"alone-{job['num']}"] = [job]
+            continue
+        plain = OmegaConf.create(OmegaConf.to_container(cfg))
         for key in (*PACK_MAY_DIFFER, "hydra"):
             parent, _, leaf = key.rpartition(".")
             node = OmegaConf.select(plain, parent) if parent else plain

@@ -18,7 +18,6 @@ if ``vpeft.engine.train`` had trained it alone.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -297,6 +296,18 @@ def train_packed(
     Every run's model ends with its trained tensors and its optimizer with its state. Training time is
     the pack's wall time divided by K (each run's share); images per second are per run on that share.
     """
+    with warnings.catch_warnings():  # on CPU attention has no batching rule: torch loops over the runs, and says so
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+        return _train_packed(runs, config, mean, std, device)
+
+
+def _train_packed(
+    runs: Sequence[PackedRun],
+    config: TrainConfig,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+) -> list[TrainResult | DivergedError]:
     cfg = config
     trainable, head, kind = _check_pack(runs)
     amp = resolve_amp(cfg.amp, device)
@@ -342,7 +353,9 @@ def train_packed(
     histories: list[list[EpochStats]] = [[] for _ in runs]
     best: list[tuple[float, int] | None] = [None] * k
 
-    batched = vmap(_forward(template), in_dims=(0, 0, 0 if keys is not None else None))
+    batched = _batched(template, in_dims=(0, 0, 0 if keys is not None else None))
+    # compiled for the full batch only, as a run alone: the last, smaller batch runs eagerly
+    step_batched = torch.compile(batched) if cfg.compile else batched
     template.train()
     bar = progress_bar(desc=f"training {k} packed runs, epoch 1/{cfg.epochs}", total=total_steps, unit="batch",
                        enabled=cfg.progress)  # fmt: skip
@@ -361,7 +374,8 @@ def train_packed(
             x = normalize(train_x[flat].to(device, non_blocking=True)).view(k, b, *train_x.shape[1:])
             y = train_y[flat].to(device, non_blocking=True).view(k, b)
             with autocast(amp, device):
-                logits = batched(params, x, keys[step] if keys is not None else None)
+                forward = step_batched if b == cfg.batch_size else batched
+                logits = forward(params, x, keys[step] if keys is not None else None)
             losses = _cross_entropy(at_least_fp32(logits), y, valid, n_classes, cfg.label_smoothing)
             for p in params.values():
                 p.grad = None
@@ -443,17 +457,21 @@ def train_packed(
     return results
 
 
-def _forward(template: nn.Module) -> Callable[..., torch.Tensor]:
-    """The template model as a function of its trainable tensors, a batch and the step's key (or None): what
-    ``vmap`` maps over the runs."""
+def _batched(template: nn.Module, in_dims: tuple) -> Callable[..., torch.Tensor]:
+    """The template model mapped over the runs: a function of the stacked trainable tensors, the batch (stacked,
+    or shared) and the step's keys (or None). ``vmap`` is called inside it, so that torch.compile traces it whole."""
 
     def forward(params: dict[str, torch.Tensor], x: torch.Tensor, key: torch.Tensor | None) -> torch.Tensor:
-        with warnings.catch_warnings():  # on CPU attention has no batching rule: torch loops over the runs, and says so
-            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
-            with noise.keyed(key) if key is not None else contextlib.nullcontext():
-                return functional_call(template, params, (x,))
+        previous = noise.set_key(key)
+        try:
+            return functional_call(template, params, (x,))
+        finally:
+            noise.set_key(previous)
 
-    return forward
+    def batched(params: dict[str, torch.Tensor], x: torch.Tensor, key: torch.Tensor | None) -> torch.Tensor:
+        return vmap(forward, in_dims=in_dims)(params, x, key)
+
+    return batched
 
 
 def _head_rows(model: nn.Module, head: set[str]) -> torch.Tensor:
@@ -520,7 +538,7 @@ def _evaluate(
         index = torch.tensor(members, device=device)
         sub = {name: p.detach().index_select(0, index) for name, p in params.items()}
         mask = None if valid is None else valid.index_select(0, index)
-        shared = vmap(_forward(template), in_dims=(0, None, None))
+        shared = _batched(template, in_dims=(0, None, None))
         correct = torch.zeros(len(members), dtype=torch.long, device=device)
         loss_sum = torch.zeros(len(members), dtype=torch.float64, device=device)
         for start in range(0, len(labels), cfg.eval_batch_size):

@@ -186,7 +186,9 @@ def _train(live: list[Member], device: torch.device) -> dict[int, Any]:
         method = m.run.model.vpeft_method
         try:
             check_packable(method, m.run.model)
-            key = repr((len(m.run.train_labels), sorted(m.plan.resolved["trainer"].items())))
+            r = m.plan.resolved
+            shared_optim = {k: v for k, v in r["optim"].items() if k not in ("lr", "weight_decay")}
+            key = repr((len(m.run.train_labels), r["trainer"], r["method"], shared_optim, r["backbone"]))
         except PackError as e:
             log.info("%s: trains alone (%s)", m.plan.record_path.name, e)
             key = f"alone-{m.num}"

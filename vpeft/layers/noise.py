@@ -32,11 +32,18 @@ _CURRENT = _Current()
 @contextlib.contextmanager
 def keyed(key: torch.Tensor) -> Iterator[None]:
     """Draw every mask inside the block from ``key`` (int64 ``[seed, step]``)."""
-    previous, _CURRENT.key = _CURRENT.key, key
+    previous = set_key(key)
     try:
         yield
     finally:
-        _CURRENT.key = previous
+        set_key(previous)
+
+
+def set_key(key: torch.Tensor | None) -> torch.Tensor | None:
+    """Make ``key`` current (None: none); return the previous one. ``keyed`` without a generator, for code that
+    torch.compile traces."""
+    previous, _CURRENT.key = _CURRENT.key, key
+    return previous
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:

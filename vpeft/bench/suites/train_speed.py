@@ -401,9 +401,14 @@ def section_profile(args, device) -> dict[str, Any]:
 
 
 def section_sweep(args, device, cache: Path, usual: dict[str, Any] | None) -> dict[str, Any]:
-    """Final runs through the real launcher, ``jobs_per_gpu`` at a time on one GPU."""
+    """Final runs through the real launcher, ``jobs_per_gpu`` at a time on one GPU; with ``--sweep-pack K`` the runs
+    (one seed, a learning rate each, so that a random-init backbone is the same in all) train K to a pack."""
     cfg = backbone_config(args)
     k = max(1, args.jobs_per_gpu)
+    pack = max(1, args.sweep_pack)
+    rates = ",".join(f"{args.lr * (1 + i / 10):g}" for i in range(args.sweep_runs))
+    seeds = ",".join(str(s) for s in range(args.sweep_runs))
+    grid = [f"seed={seeds}"] if pack == 1 else ["seed=0", f"optim.lr={rates}", f"pack={pack}"]
     epochs = args.sweep_epochs or args.epochs
     with tempfile.TemporaryDirectory(prefix="vpeft-sweep-") as tmp:
         overrides = [
@@ -414,10 +419,10 @@ def section_sweep(args, device, cache: Path, usual: dict[str, Any] | None) -> di
             "dataset=folder",
             f"dataset.root={Path(args.data).resolve()}",
             "protocol=final",
-            f"seed={','.join(str(s) for s in range(args.sweep_runs))}",
+            *grid,
             f"trainer.epochs={epochs}",
             f"trainer.warmup_epochs={min(10, epochs)}",
-            f"optim.lr={args.lr}",
+            *([f"optim.lr={args.lr}"] if pack == 1 else []),
             "trainer.progress=false",
             "bench.latency=false",
             "bench.flops=false",
@@ -441,6 +446,7 @@ def section_sweep(args, device, cache: Path, usual: dict[str, Any] | None) -> di
         "runs": args.sweep_runs,
         "ok": len(done),
         "jobs_per_gpu": k,
+        "pack": pack,
         "epochs_run": epochs,
         "epochs": args.epochs,
         "wall_seconds": wall,
@@ -467,9 +473,11 @@ def section_pack(args, device, cache: Path) -> dict[str, Any]:
         cfg["img_size"] = args.pack_img_size
     torch.manual_seed(0)
     bb = backbone_from_config(cfg, 0)
-    task = load_data(args, bb, cache, "tune")  # the grid's stage: train800, val200
-    config = TrainConfig(epochs=args.pack_epochs, warmup_epochs=min(10, args.pack_epochs // 10), progress=False)
+    task = load_data(args, bb, cache, args.pack_protocol)  # tune (the grid's stage): train800 -> val200
+    config = TrainConfig(epochs=args.pack_epochs, warmup_epochs=min(10, args.pack_epochs // 10), progress=False,
+                         compile=args.pack_compile)  # fmt: skip
     out: dict[str, Any] = {"backbone": cfg["name"], "img_size": list(bb.input_size[1:]), "method": args.method,
+                           "protocol": args.pack_protocol, "compiled": args.pack_compile,
                            "epochs": args.pack_epochs, "n_train": len(task.train.labels),
                            "n_eval": len(task.eval.labels), "rows": []}  # fmt: skip
 
@@ -498,7 +506,7 @@ def section_pack(args, device, cache: Path) -> dict[str, Any]:
         out["rows"].append({
             "k": k, "sequential_seconds": sequential, "packed_seconds": together, "ratio": sequential / together,
             "train_seconds_alone": sum(a.train_seconds for a in alone), "eval_seconds_alone": sum(
-                a.eval_seconds for a in alone), "max_top1_gap": max(gaps) if gaps else None,
+                a.eval_seconds for a in alone), "max_top1_gap": max(gaps) if gaps else None, "top1_gaps": gaps,
             "failed": sum(isinstance(p, Exception) for p in packed),
         })  # fmt: skip
         log(out["rows"][-1])
@@ -576,7 +584,7 @@ def markdown(result: dict[str, Any]) -> str:
         notes = ["medians of interleaved calls, each synchronised; bare re-timed beside every method"]
         report.heading(f"Inference latency ({lat['backbone']})", 3).table(lat["rows"], cols, notes)
     if (sw := s.get("sweep")) and "runs" in sw:
-        cols = [("runs", "runs", ""), ("ok", "ok", ""), ("jobs per GPU", "jobs_per_gpu", ""),
+        cols = [("runs", "runs", ""), ("ok", "ok", ""), ("jobs per GPU", "jobs_per_gpu", ""), ("pack", "pack", ""),
                 ("epochs run", "epochs_run", ""), ("wall s", "wall_seconds", ".1f"),
                 ("runs per hour", "runs_per_hour", ".1f"), ("usual runs per hour", "usual_runs_per_hour", ".1f"),
                 ("ratio", "ratio_to_usual", ".1f")]  # fmt: skip
