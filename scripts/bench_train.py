@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", default=str(DEFAULT_DATA), help="a VTAB-1k task folder (train800val200.txt, test.txt)")
     p.add_argument("--method", default="lora", help="method of the run sections (default config)")
     p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--drop-path", type=float, default=0.1, help="backbone drop path of the run sections (recipes: 0.1)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--usual-epochs", type=int, default=None, help="run only this many usual epochs, extrapolate")
     p.add_argument("--usual-workers", type=int, default=8, help="DataLoader workers of the usual recipe")

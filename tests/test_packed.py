@@ -266,3 +266,26 @@ def test_methods_that_run_alone_say_why(method):
 
 def test_every_other_method_packs():
     assert {m for m in vpeft.list_methods() if METHODS.get(m).runs_alone} == ALONE
+
+
+@pytest.mark.slow
+def test_a_compiled_pack_trains_what_an_eager_pack_does():
+    """trainer.compile on a pack: one graph for every step (the last batch of 8 padded to 16), float32 results
+    within compilation's rounding of the eager pack's."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    results = []
+    for compiled in (False, True):
+        runs = [build("adaptformer", t, s, {"lr": 1e-2, "weight_decay": 1e-4}) for t, s in (("five", 1), ("three", 2))]
+        for r in runs:
+            r.model.float()
+        config = dataclasses.replace(CONFIG, epochs=2, compile=compiled)
+        results.append((train_packed(runs, config, MEAN, STD, DEVICE), runs))
+    (eager, eager_runs), (comp, comp_runs) = results
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for a, b in zip(eager, comp, strict=True):
+        assert [e.train_loss for e in a.epochs] == pytest.approx([e.train_loss for e in b.epochs], rel=1e-4)
+        assert abs(a.top1 - b.top1) <= 100 / 24  # at most one evaluation image apart
+    for a, b in zip(eager_runs, comp_runs, strict=True):
+        for (name, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
+            torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-3, msg=name)

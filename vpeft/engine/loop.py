@@ -31,6 +31,9 @@ class DivergedError(RunFailed, FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclasses.dataclass
 class TrainConfig:
     epochs: int = 100
@@ -42,7 +45,8 @@ class TrainConfig:
     grad_clip: float | None = None  # max global gradient norm; None: no clipping
     eval_batch_size: int = 256
     amp: str = "auto"  # auto: bf16 autocast on CUDA, none on CPU; or "bf16" / "none"
-    compile: bool = False  # torch.compile the model's training step (full batches; evaluation stays eager)
+    compile: bool = False  # torch.compile the model's training step (one shape: the last batch padded; eval eager)
+    compile_mode: str = "default"  # torch.compile's mode: default | reduce-overhead (CUDA graphs) | max-autotune
     eval_every: int = 0  # also evaluate every n epochs (a flagged extra; the last epoch is the result)
     data_on_device: str = "auto"  # auto: move the uint8 splits to the GPU when they fit; or "yes" / "no"
     progress: bool = True
@@ -57,6 +61,11 @@ class TrainConfig:
             raise ConfigError(
                 f"trainer.data_on_device must be auto, yes or no, got {shown(self.data_on_device)}; "
                 "set trainer.data_on_device=auto"
+            )
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(
+                f"trainer.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {shown(self.compile_mode)}; "
+                "set trainer.compile_mode=default"
             )
         for name in ("compile", "progress"):
             check_value(f"trainer.{name}", getattr(self, name), "bool", example=getattr(TrainConfig, name))
@@ -85,6 +94,7 @@ class EpochStats:
     lr: float
     images_per_s: float
     eval_top1: float | None = None
+    seconds: float | None = None  # the epoch's training wall time (in a pack: the run's share, wall / K)
 
 
 @dataclasses.dataclass
@@ -244,7 +254,7 @@ def train(
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    step_model = torch.compile(model) if cfg.compile else model
+    step_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     normalize = Normalizer(mean, std, device, input_dtype(model))
     images = _place(train_images, device, cfg.data_on_device)
     eval_images = _place(eval_images, device, cfg.data_on_device)
@@ -277,13 +287,13 @@ def train(
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for idx in _batches(n, cfg.batch_size, generator, images.device):
+            b = len(idx)
+            if cfg.compile and b < cfg.batch_size:  # one shape for the compiled step: the last batch padded with
+                idx = torch.cat([idx, idx[:1].expand(cfg.batch_size - b)])  # repeats that the loss leaves out
             x = normalize(images[idx].to(device, non_blocking=True))
-            y = labels[idx].to(device, non_blocking=True)
-            # compiled for the full batch only: a last, smaller batch runs eagerly instead of compiling a
-            # second (dynamic-shape) graph, which cost more than the compiled steps saved (H200, ViT-B)
-            forward = step_model if len(idx) == cfg.batch_size else model
+            y = labels[idx[:b]].to(device, non_blocking=True)
             with autocast(amp, device), noise.keyed(keys[step, 0]) if keys is not None else contextlib.nullcontext():
-                logits = forward(x)
+                logits = step_model(x)[:b]
             loss = F.cross_entropy(at_least_fp32(logits), y, label_smoothing=cfg.label_smoothing)
             reg = method.regularization(model) if method is not None else None
             optimizer.zero_grad(set_to_none=True)
@@ -295,7 +305,7 @@ def train(
             if method is not None:
                 method.on_step(model, step, total_steps)  # gradients still present
             scheduler.step_update(step)
-            loss_sum += loss.detach().double() * len(idx)
+            loss_sum += loss.detach().double() * b
             bar.update()
         epoch_loss = loss_sum.item() / n  # the one host sync of the epoch
         if not math.isfinite(epoch_loss):
@@ -307,6 +317,7 @@ def train(
             train_loss=epoch_loss,
             lr=optimizer.param_groups[0]["lr"],
             images_per_s=n / (time.perf_counter() - epoch_start),
+            seconds=time.perf_counter() - epoch_start,
         )
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
             stats.eval_top1, _ = evaluate(model, eval_images, eval_labels, mean, std, device, cfg.eval_batch_size, amp)

@@ -354,8 +354,7 @@ def _train_packed(
     best: list[tuple[float, int] | None] = [None] * k
 
     batched = _batched(template, in_dims=(0, 0, 0 if keys is not None else None))
-    # compiled for the full batch only, as a run alone: the last, smaller batch runs eagerly
-    step_batched = torch.compile(batched) if cfg.compile else batched
+    step_batched = torch.compile(batched, mode=cfg.compile_mode) if cfg.compile else batched
     template.train()
     bar = progress_bar(desc=f"training {k} packed runs, epoch 1/{cfg.epochs}", total=total_steps, unit="batch",
                        enabled=cfg.progress)  # fmt: skip
@@ -370,12 +369,13 @@ def _train_packed(
         order = torch.stack(orders).to(train_x.device)  # [K, n]: run k's permutation of its own split
         for idx in order.split(cfg.batch_size, dim=1):
             b = idx.shape[1]
+            if cfg.compile and b < cfg.batch_size:  # one shape for the compiled step: padded, left out of the loss
+                idx = torch.cat([idx, idx[:, :1].expand(-1, cfg.batch_size - b)], dim=1)
             flat = idx.reshape(-1)
-            x = normalize(train_x[flat].to(device, non_blocking=True)).view(k, b, *train_x.shape[1:])
-            y = train_y[flat].to(device, non_blocking=True).view(k, b)
+            x = normalize(train_x[flat].to(device, non_blocking=True)).view(k, idx.shape[1], *train_x.shape[1:])
+            y = train_y[idx[:, :b].reshape(-1)].to(device, non_blocking=True).view(k, b)
             with autocast(amp, device):
-                forward = step_batched if b == cfg.batch_size else batched
-                logits = forward(params, x, keys[step] if keys is not None else None)
+                logits = step_batched(params, x, keys[step] if keys is not None else None)[:, :b]
             losses = _cross_entropy(at_least_fp32(logits), y, valid, n_classes, cfg.label_smoothing)
             for p in params.values():
                 p.grad = None
@@ -401,7 +401,7 @@ def _train_packed(
                 active[i] = 0.0
                 continue
             stats = EpochStats(epoch=epoch + 1, train_loss=epoch_losses[i], lr=run.optimizer.param_groups[0]["lr"],
-                               images_per_s=n * k / seconds)  # fmt: skip
+                               images_per_s=n * k / seconds, seconds=seconds / k)  # fmt: skip
             histories[i].append(stats)
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
             live = [i for i in range(k) if i not in failed]

@@ -418,7 +418,13 @@ class TrainJob(Job):
             "best_epoch_top1": result.best_epoch_top1,  # selection on the evaluated split: never ranks
             "best_epoch": result.best_epoch,
             "history": [
-                {"epoch": e.epoch, "train_loss": e.train_loss, "lr": e.lr, "eval_top1": e.eval_top1}
+                {
+                    "epoch": e.epoch,
+                    "train_loss": e.train_loss,
+                    "lr": e.lr,
+                    "eval_top1": e.eval_top1,
+                    "seconds": e.seconds,
+                }
                 for e in result.epochs
             ],
         }

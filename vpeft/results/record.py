@@ -24,7 +24,7 @@ NOT_HASHED = (
     "paths", "logger", "bench", "save_delta", "skip_finished", "device", "hparams", "sweep", "jobs_per_gpu", "job",
     "merge", "probe", "sequential", "pack", "pack_job",
 )  # fmt: skip
-NOT_HASHED_TRAINER = ("progress", "data_on_device", "eval_batch_size")
+NOT_HASHED_TRAINER = ("progress", "data_on_device", "eval_batch_size", "compile_mode")  # how, not what, it computes
 # The compute every record was made on before records named theirs: a record without ``compute`` was made on it,
 # and it stays out of the hash, so that those records (results/runs) keep their names and hashes.
 LEGACY_COMPUTE = "cpu-fp32"

@@ -156,6 +156,7 @@ def section_step(args, device, peak, rows: list[dict[str, Any]]) -> list[dict[st
 # -- the run sections ------------------------------------------------------------------------------
 def backbone_config(args) -> dict[str, Any]:
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "backbone" / f"{args.backbone}.yaml"))
+    cfg["drop_path_rate"] = args.drop_path  # the VTAB-1k recipes' stochastic depth (conf/experiment/vtab1k_*)
     if args.random_init:
         cfg["pretrained"] = False
     if args.checkpoint:
@@ -414,6 +415,7 @@ def section_sweep(args, device, cache: Path, usual: dict[str, Any] | None) -> di
         overrides = [
             f"backbone={args.backbone}",
             f"backbone.pretrained={str(cfg['pretrained']).lower()}",
+            f"backbone.drop_path_rate={args.drop_path}",
             *([f"backbone.checkpoint={cfg['checkpoint']}"] if cfg.get("checkpoint") else []),
             f"method={args.method}",
             "dataset=folder",
@@ -440,8 +442,10 @@ def section_sweep(args, device, cache: Path, usual: dict[str, Any] | None) -> di
         wall = time.perf_counter() - start
         done = [r for _, r in iter_records(Path(tmp, "runs")) if r.get("status") == "ok"]
     train_seconds = sum(r["cost"]["train_seconds"] for r in done)
-    # every run trains (args.epochs / epochs) times longer at the full schedule; k runs train at once
-    full_wall = wall + (args.epochs / epochs - 1) * train_seconds / k
+    # at the full schedule every run trains args.epochs - epochs more epochs at the pace of its epochs 2..n (the first
+    # one warms up: cuDNN autotuning, compilation); k jobs train at once
+    more = sum(_more_seconds(r, args.epochs) for r in done)
+    full_wall = wall + more / k
     out: dict[str, Any] = {
         "runs": args.sweep_runs,
         "ok": len(done),
@@ -463,6 +467,20 @@ def section_sweep(args, device, cache: Path, usual: dict[str, Any] | None) -> di
         out["ratio_to_usual"] = out["runs_per_hour"] / out["usual_runs_per_hour"]
     log(out)
     return out
+
+
+def _more_seconds(record: dict[str, Any], epochs: int) -> float:
+    """How much longer ``record``'s training takes at ``epochs`` epochs, from the pace of its epochs after the first."""
+    history = record["metrics"].get("history") or []
+    done = len(history)
+    if done >= epochs:
+        return 0.0
+    times = [h.get("seconds") for h in history]
+    if done > 1 and None not in times:
+        pace = sum(times[1:]) / (done - 1)
+    else:  # one epoch (or a record without epoch times): its own pace, warm-up included
+        pace = record["cost"]["train_seconds"] / max(done, 1)
+    return (epochs - done) * pace
 
 
 # -- helpers ---------------------------------------------------------------------------------------
