@@ -18,6 +18,7 @@ if ``vpeft.engine.train`` had trained it alone.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -312,11 +313,18 @@ def _train_packed(
     trainable, head, kind = _check_pack(runs)
     amp = resolve_amp(cfg.amp, device)
     k = len(runs)
-    template = runs[0].model.to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     classes = [len(_head_rows(r.model, head)) for r in runs]
     c_max = max(classes)
+    template = runs[0].model
+    if classes[0] != c_max and hasattr(template, "reset_classifier"):
+        # the template holds a head as wide as the pack's widest (the runs' own heads are stacked below), so that
+        # a compiled step serves every pack of that width, whichever run comes first
+        template = copy.deepcopy(template)
+        with torch.random.fork_rng(devices=[]):
+            template.reset_classifier(c_max)
+    template.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     params: dict[str, torch.Tensor] = {}
     for name in trainable:
         tensors = [dict(r.model.named_parameters())[name].detach().to(device) for r in runs]
