@@ -129,6 +129,22 @@ def test_an_array_of_8_runs_with_parallelism_2(cluster, tasks, tmp_path):
     assert "sacct is not available (Slurm accounting storage is disabled): job states come from squeue" in out
 
 
+@on_cluster
+@pytest.mark.slow
+def test_a_packed_sweep_runs_each_pack_as_one_job(cluster, tasks, tmp_path):
+    """pack=4: two tasks x two learning rates are one pack, one SLURM job, four records as runs alone leave."""
+    out = sweep(cluster, tmp_path, "sweep", "method=bitfit", "optim.lr=1e-3,1e-2",
+                f"dataset.root={tasks[0]},{tasks[1]}", "pack=4")  # fmt: skip
+    assert summary(out) == "sweep: 4 runs: 4 ok (0 skipped as already finished), 0 failed, 0 interrupted"
+    assert len(list((tmp_path / "sweep" / ".submitit").glob("*/*_submission.sh"))) == 1  # one SLURM job
+    assert len(job_logs(tmp_path, "sweep")) == 1
+    recs = records(tmp_path)
+    assert len(recs) == 4 and {r["cost"]["packed"]["k"] for r in recs.values()} == {4}
+    assert {(r["dataset"], r["config"]["optim"]["lr"]) for r in recs.values()} == {
+        (t, lr) for t in ("task_a", "task_b") for lr in (1e-3, 1e-2)
+    }
+
+
 _STAMP = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 
 
