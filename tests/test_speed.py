@@ -268,12 +268,13 @@ def test_bench_train_quick_runs_every_section(tmp_path):
     cmd = [
         sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--quick", "--methods", "lora", "vpt_deep",
         "--data", str(root), "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"),
+        "--pack-protocol", "final",  # the subset has the final splits only
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "train_cpu_quick.json").read_text())
     s = result["sections"]
-    assert set(s) == {"step", "final", "usual", "peft", "scaling", "latency", "profile", "sweep"}
+    assert set(s) == {"step", "final", "usual", "peft", "scaling", "latency", "profile", "sweep", "pack"}
     assert not [k for k, v in s.items() if isinstance(v, dict) and "error" in v]
     assert [r["method"] for r in s["step"]] == ["(frozen backbone)", "lora", "vpt_deep"]
     vpt = s["step"][2]
@@ -282,6 +283,8 @@ def test_bench_train_quick_runs_every_section(tmp_path):
     assert s["usual"]["runs"][0]["epochs_run"] == 1
     assert [r["num_tokens"] for r in s["scaling"]["prompts"]] == [4, 16]
     assert s["sweep"]["ok"] == s["sweep"]["runs"] == 2
+    [pack] = s["pack"]["rows"]  # --quick: 2 runs alone, then packed
+    assert pack["k"] == 2 and pack["failed"] == 0 and len(pack["top1_gaps"]) == 2 and pack["ratio"] > 0
     assert [(r["method"], r["batch"]) for r in s["latency"]["rows"]] == [
         (m, b) for m in ("lora", "vpt_deep") for b in (1, 4)
     ]
@@ -292,7 +295,7 @@ def test_bench_train_quick_runs_every_section(tmp_path):
         assert s["peft"]["ours_over_peft"] > 0
     md = (tmp_path / "out" / "train_cpu_quick.md").read_text()
     titles = ("Training step", "One VTAB-1k final run", "VPT-deep against its prompt length", "Inference latency")
-    for title in (*titles, "Sweep throughput"):
+    for title in (*titles, "Sweep throughput", "Packed runs against the same runs one after another"):
         assert title in md
 
 
