@@ -174,6 +174,19 @@ def _batches(
     yield from order.to(device).split(batch_size)
 
 
+def fuse(optimizer: torch.optim.Optimizer) -> None:
+    """Adam and AdamW over CUDA tensors take their fused kernel (one launch for all tensors, not one per tensor and
+    operation), unless the caller chose an implementation; the update rule is the same."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.state:
+        return
+    groups = optimizer.param_groups
+    if all(g.get("fused") is None and g.get("foreach") is None and not g.get("differentiable") for g in groups) and all(
+        p.is_cuda and p.is_floating_point() for g in groups for p in g["params"]
+    ):
+        for g in groups:
+            g["fused"] = True
+
+
 def step_keys(seeds: Sequence[int], steps: int, device: torch.device) -> torch.Tensor:
     """``[steps, runs, 2]`` int64 keys ``(seed, step)`` of every step, made once on the device."""
     seed = torch.tensor(list(seeds), dtype=torch.int64)
@@ -254,6 +267,7 @@ def train(
     model.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        fuse(optimizer)
     step_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
     normalize = Normalizer(mean, std, device, input_dtype(model))
     images = _place(train_images, device, cfg.data_on_device)
