@@ -323,3 +323,43 @@ def test_bench_train_on_cuda(tmp_path):
     assert {r["amp"] for r in result["sections"]["final"]["runs"]} == {"bf16"}
     assert set(result["speedup_per_run"]) == {"fp32", "bf16"}
     assert result["sections"]["sweep"]["ok"] == 2
+
+
+@pytest.mark.parametrize("method", ["lora", "ssf", "bitfit", "adapter_houlsby", "vpt_deep", "dora"])
+def test_frozen_weights_held_in_bf16_train_bit_for_bit_what_autocast_does(method, monkeypatch):
+    """Under bf16 autocast (here the CPU's) the frozen weights are held in bf16 while training: the same losses,
+    delta and evaluation, bit for bit, as autocast casting them every step; after it, the float32 weights as
+    they were. DoRA reads its host's weight itself and keeps float32."""
+    import contextlib
+
+    from vpeft.engine import loop
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.arange(20) % 5
+    cfg = TrainConfig(epochs=2, batch_size=8, warmup_epochs=0, amp="bf16", progress=False)
+    outcomes = []
+    for hold in (True, False):
+        if not hold:
+            monkeypatch.setattr(loop, "frozen_in", lambda model, dtype: contextlib.nullcontext())
+        model = vpeft.apply_method(make_vit(), method)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        seen: list[torch.dtype] = []
+        fc1 = model.blocks[0].mlp.fc1
+
+        def note(epoch, fc1=fc1, seen=seen) -> None:
+            seen.append(fc1.weight.dtype)
+
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        res = loop.train(model, images, labels, images, labels, opt, cfg, (0.5,) * 3, (0.5,) * 3,
+                         torch.device("cpu"), on_epoch_end=note)  # fmt: skip
+        for n, p in model.named_parameters():
+            if n in before:
+                assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
+        outcomes.append(([e.train_loss for e in res.epochs], res.top1, res.eval_loss, vpeft.delta_state_dict(model)))
+        if hold:
+            assert set(seen) == {torch.float32 if method == "dora" else torch.bfloat16}
+    (held, plain) = outcomes
+    assert held[:3] == plain[:3]
+    for n in held[3]:
+        assert torch.equal(held[3][n], plain[3][n]), n

@@ -174,6 +174,36 @@ def _batches(
     yield from order.to(device).split(batch_size)
 
 
+@contextlib.contextmanager
+def frozen_in(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """Frozen ``nn.Linear`` / ``nn.Conv*`` weights and biases held in ``dtype`` inside the block, their float32
+    tensors put back after it.
+
+    Autocast casts them to its dtype at every call and caches no cast of a tensor that needs no gradient,
+    so a step would cast every frozen weight again (ViT-B: 86 M values, about 100 kernels). Held in bf16
+    they are what autocast would compute with, so the results are the same, bit for bit. Norms, position
+    embeddings, deltas and heads stay as they are; a method that reads its host's frozen weight itself
+    (DoRA's column norms) keeps them all in float32.
+    """
+    method = getattr(model, "vpeft_method", None)
+    if method is not None and method.reads_frozen_weights:
+        yield
+        return
+    kept: list[tuple[nn.Parameter, torch.Tensor]] = []
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            for name in ("weight", "bias"):
+                p = getattr(module, name, None)
+                if isinstance(p, nn.Parameter) and not p.requires_grad and p.dtype == torch.float32:
+                    kept.append((p, p.data))
+                    p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in kept:
+            p.data = data
+
+
 def fuse(optimizer: torch.optim.Optimizer) -> None:
     """Adam and AdamW over CUDA tensors take their fused kernel (one launch for all tensors, not one per tensor and
     operation), unless the caller chose an implementation; the update rule is the same."""
@@ -260,8 +290,29 @@ def train(
 
     ``optimizer`` holds the parameters to train (the caller decides which). A NaN or infinite
     epoch loss raises DivergedError; the learning rate follows linear warm-up then cosine decay,
-    updated every step.
+    updated every step. Under bf16 autocast the frozen weights are held in bf16 meanwhile (``frozen_in``).
     """
+    model.to(device)
+    held = frozen_in(model, torch.bfloat16) if resolve_amp(config.amp, device) == "bf16" else contextlib.nullcontext()
+    with held:
+        return _train(model, train_images, train_labels, eval_images, eval_labels, optimizer, config, mean, std,
+                      device, seed, on_epoch_end)  # fmt: skip
+
+
+def _train(
+    model: nn.Module,
+    train_images: torch.Tensor,
+    train_labels: torch.Tensor,
+    eval_images: torch.Tensor,
+    eval_labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device,
+    seed: int,
+    on_epoch_end: Callable[[EpochStats], None] | None,
+) -> TrainResult:
     cfg = config
     amp = resolve_amp(cfg.amp, device)
     model.to(device)

@@ -18,6 +18,7 @@ if ``vpeft.engine.train`` had trained it alone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -42,6 +43,7 @@ from vpeft.engine.loop import (
     _sync,
     at_least_fp32,
     autocast,
+    frozen_in,
     input_dtype,
     peak_memory_mb,
     resolve_amp,
@@ -297,9 +299,10 @@ def train_packed(
     Every run's model ends with its trained tensors and its optimizer with its state. Training time is
     the pack's wall time divided by K (each run's share); images per second are per run on that share.
     """
-    with warnings.catch_warnings():  # on CPU attention has no batching rule: torch loops over the runs, and says so
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
+        # on CPU attention has no batching rule: torch loops over the runs, and says so
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
-        return _train_packed(runs, config, mean, std, device)
+        return _train_packed(runs, config, mean, std, device, stack)
 
 
 def _train_packed(
@@ -308,6 +311,7 @@ def _train_packed(
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device,
+    stack: contextlib.ExitStack,
 ) -> list[TrainResult | DivergedError]:
     cfg = config
     trainable, head, kind = _check_pack(runs)
@@ -323,6 +327,8 @@ def _train_packed(
         with torch.random.fork_rng(devices=[]):
             template.reset_classifier(c_max)
     template.to(device)
+    if amp == "bf16":  # frozen weights held in bf16 while the pack trains and evaluates (loop.frozen_in)
+        stack.enter_context(frozen_in(template, torch.bfloat16))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     params: dict[str, torch.Tensor] = {}

@@ -119,6 +119,7 @@ class DoRA(OutputDelta):
 class DoRAMethod(Method):
     Config = DoRAConfig
     mergeable = True
+    reads_frozen_weights = True  # the column norms of W0 + scale B A, in float32
     merge_atol = 1e-5
 
     def inject(self, model: nn.Module) -> None:
