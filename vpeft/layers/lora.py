@@ -49,6 +49,13 @@ class LoRA(OutputDelta):
 
     def _b(self) -> torch.Tensor:
         """B of every segment placed at its output rows, block-diagonal over the ranks, times scaling."""
+        return self._placed_b() * self.scaling
+
+    def _placed_b(self) -> torch.Tensor:
+        """B of every segment placed at its output rows, block-diagonal over the ranks (no scaling); B itself when
+        one segment covers every output row (no copy)."""
+        if len(self.B) == 1 and next(iter(self.segments.values())) == (0, self.out_features):
+            return next(iter(self.B.values()))
         k, rows, pos = len(self.B), [], 0
         for i, (s, (start, end)) in enumerate(self.segments.items()):
             b = self.B[s]
@@ -58,7 +65,7 @@ class LoRA(OutputDelta):
             pos = end
         if pos < self.out_features:
             rows.append(rows[-1].new_zeros(self.out_features - pos, k * self.r))
-        return torch.cat(rows) * self.scaling
+        return torch.cat(rows)
 
     def delta_weight(self) -> torch.Tensor:
         """The full-size update that merging adds to the host's weight."""
@@ -66,8 +73,11 @@ class LoRA(OutputDelta):
 
     def forward(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         h = F.linear(self.dropout(inp), self._a())
-        # out + h @ B^T as one GEMM whose epilogue adds ``out``: no separate pass over the output
-        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), self._b().t()).view(out.shape)
+        # out + scaling * h @ B^T as one GEMM whose epilogue scales and adds ``out``: no pass over the output or B
+        b = self._placed_b()
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling).view(
+            out.shape
+        )
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, segments={self.segments}"
