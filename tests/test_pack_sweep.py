@@ -79,3 +79,9 @@ def test_sigterm_during_a_packs_training_records_every_run_interrupted(tmp_path)
     recs = records(tmp_path)
     assert len(recs) == 3 and {r["status"] for r in recs.values()} == {"interrupted"}, recs
     assert "3 interrupted" in summary_line(out)
+
+
+def test_a_merge_job_in_a_packed_sweep_is_refused_with_the_fix(tmp_path):
+    code, out = sweep(tmp_path, "job=merge", "merge.tasks=[a,b]", "pack=2")
+    assert code == 2, out[-3000:]
+    assert "pack=2 trains runs together, and a job=merge job is not a training run: run it without pack=" in out

@@ -62,11 +62,14 @@ def sweep(sweeper: Any, arguments: list[str]) -> list[Any]:
     OmegaConf.save(sweeper.config, sweep_dir / "multirun.yaml")
     for stale in [sweep_dir / STOP_FILE, *sweep_dir.glob(f"*/{STATUS_FILE.replace('.json', '*.json')}")]:
         stale.unlink(missing_ok=True)
+    size = int(OmegaConf.select(sweeper.config, "pack", default=1) or 1)
     batches, refused = [], []
     for batch in sweeper.split_arguments(parsed, sweeper.max_batch_size):
         valid = []
         for overrides in batch:
             error = _config_error(loader, sweeper.config, list(overrides))
+            if error is None and size > 1:
+                error = _unpackable(loader, sweeper.config, list(overrides), size)
             if error is None:
                 valid.append(list(overrides))
             else:
@@ -76,7 +79,6 @@ def sweep(sweeper: Any, arguments: list[str]) -> list[Any]:
             batches.append(valid)
     planned = [{"num": n, "overrides": o} for n, o in enumerate(o for batch in batches for o in batch)]
     write_json_atomic(sweep_dir / PLAN_FILE, {"jobs": planned, "bad_input": refused})
-    size = int(OmegaConf.select(sweeper.config, "pack", default=1) or 1)
     if size > 1 and planned:  # the launcher's jobs become packs of runs; each run keeps its number and status
         batches = _packs(loader, sweeper.config, planned, size, sweep_dir)
 
@@ -103,6 +105,16 @@ def sweep(sweeper: Any, arguments: list[str]) -> list[Any]:
 
 # what may differ between the runs of one pack (vpeft.engine.packed); everything else must match
 PACK_MAY_DIFFER = ("dataset", "seed", "optim.lr", "optim.weight_decay", "hparams")
+
+
+def _unpackable(loader: Any, config: DictConfig, overrides: list[str], size: int) -> str | None:
+    """Why a job of a ``pack=K`` sweep cannot be packed (packs are of training runs), or None."""
+    cfg = loader.load_sweep_config(config, overrides)
+    job = str(cfg.get("job", "train"))
+    if job != "train" or cfg.get("bench", {}).get("only", False):
+        what = f"job={job}" if job != "train" else "bench.only=true"
+        return f"pack={size} trains runs together, and a {what} job is not a training run: run it without pack="
+    return None
 
 
 def _packs(loader: Any, config: DictConfig, planned: list[dict[str, Any]], size: int, sweep_dir: Path) -> list[Any]:
