@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pack-protocol", choices=("tune", "final"), default="tune", help="pack section: the runs' splits")
     p.add_argument("--pack-compile", action="store_true", help="pack section: torch.compile, alone and packed")
     p.add_argument("--sweep-pack", type=int, default=1, help="sweep section: runs per pack (run.py's pack=K)")
+    p.add_argument("--sweep-compile", action="store_true", help="sweep section: trainer.compile=true")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=str(ROOT / "results" / "benchmarks"))
     p.add_argument("--cache", default=None, help="cache root, as run.py's paths.cache (default: ~/.cache/vpeft)")

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch._dynamo.utils import counters as dynamo_counters
 
 from vpeft.backbones import backbone_from_config, create_backbone
 from vpeft.bench.latency import measure_latency
@@ -432,6 +433,7 @@ def section_sweep(args, device, cache: Path, usual: dict[str, Any] | None) -> di
             f"trainer.epochs={epochs}",
             f"trainer.warmup_epochs={min(10, epochs)}",
             *([f"optim.lr={args.lr}"] if pack == 1 else []),
+            f"trainer.compile={str(args.sweep_compile).lower()}",
             "trainer.progress=false",
             "bench.latency=false",
             "bench.flops=false",
@@ -458,6 +460,7 @@ def section_sweep(args, device, cache: Path, usual: dict[str, Any] | None) -> di
         "ok": len(done),
         "jobs_per_gpu": k,
         "pack": pack,
+        "compiled": args.sweep_compile,
         "epochs_run": epochs,
         "epochs": args.epochs,
         "wall_seconds": wall,
@@ -528,13 +531,24 @@ def section_pack(args, device, cache: Path) -> dict[str, Any]:
         packed = train_packed(runs, config, bb.mean, bb.std, device)
         together = time.perf_counter() - start
         gaps = [abs(p.top1 - a.top1) for p, a in zip(packed, alone, strict=True) if not isinstance(p, Exception)]
-        out["rows"].append({
+        ok = [p for p in packed if not isinstance(p, Exception)]
+        images = k * len(task.train.labels) * args.pack_epochs
+        row = {
             "k": k, "sequential_seconds": sequential, "packed_seconds": together, "ratio": sequential / together,
             "train_seconds_alone": sum(a.train_seconds for a in alone), "eval_seconds_alone": sum(
                 a.eval_seconds for a in alone), "max_top1_gap": max(gaps) if gaps else None, "top1_gaps": gaps,
-            "failed": sum(isinstance(p, Exception) for p in packed),
-        })  # fmt: skip
-        log(out["rows"][-1])
+            "failed": len(packed) - len(ok),
+            "alone_train_images_per_s": images / sum(a.train_seconds for a in alone),
+            "packed_train_images_per_s": images / (ok[0].train_seconds * k) if ok else None,  # its share x K
+            "packed_peak_mem_mb": ok[0].peak_mem_mb if ok else None,
+            "peak_mem_kind": ok[0].peak_mem_kind if ok else None,
+        }  # fmt: skip
+        if args.pack_compile:  # another pack of the same shape (other seeds and rates) must compile nothing
+            before = dynamo_counters["stats"]["unique_graphs"]
+            train_packed([fresh(seed) for seed in range(k, 2 * k)], config, bb.mean, bb.std, device)
+            row["graphs_compiled_by_a_second_pack"] = dynamo_counters["stats"]["unique_graphs"] - before
+        out["rows"].append(row)
+        log(row)
         empty_cache(device)
     return out
 
