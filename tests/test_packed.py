@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -296,3 +297,27 @@ def test_a_compiled_pack_trains_what_an_eager_pack_does():
     for a, b in zip(eager_runs, comp_runs, strict=True):
         for (name, p), q in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
             torch.testing.assert_close(q, p, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_a_pack_group_that_fails_takes_no_other_group_down():
+    """In a pack job, two LoRA runs train together and two SSF runs whose images are broken fail: the SSF runs get
+    the error (their records say failed), the LoRA runs their results."""
+    from types import SimpleNamespace
+
+    from vpeft.engine import TrainResult
+    from vpeft.jobs.pack import Member, _train
+    from vpeft.jobs.runner import Context
+
+    trainer = dataclasses.asdict(dataclasses.replace(CONFIG, epochs=1))
+    members = []
+    for num, (method, seed) in enumerate([("lora", 1), ("lora", 2), ("ssf", 3), ("ssf", 4)]):
+        run = build(method, "five", seed, {"lr": 1e-2, "weight_decay": 0.0}, drop_path=0.0)
+        if method == "ssf":
+            run.train_images = run.train_images[:, :2]  # two channels: the patch embedding refuses them
+        resolved = {"trainer": trainer, "method": {"name": method}, "optim": {"lr": 1e-2}, "backbone": {"name": "t"}}
+        plan = SimpleNamespace(resolved=resolved, record_path=Path(f"/nowhere/{num}.json"))
+        ctx = Context(state={"backbone": SimpleNamespace(mean=MEAN, std=STD)})
+        members.append(Member(num=num, overrides=[], cfg=None, plan=plan, ctx=ctx, run=run))
+    results = _train(members, DEVICE)
+    assert [type(results[id(m)]) for m in members[:2]] == [TrainResult, TrainResult]
+    assert all(isinstance(results[id(m)], RuntimeError) for m in members[2:])

@@ -23,7 +23,6 @@ import torch
 from omegaconf import DictConfig
 
 from vpeft.engine import TrainConfig, train
-from vpeft.engine.loop import DivergedError
 from vpeft.engine.packed import PackError, check_packable, train_packed
 from vpeft.env import environment
 from vpeft.errors import VpeftError
@@ -179,8 +178,9 @@ def _setup(job: TrainJob, m: Member, device: torch.device, env: dict[str, Any], 
 
 
 def _train(live: list[Member], device: torch.device) -> dict[int, Any]:
-    """Each run's TrainResult (or its DivergedError): the runs that can share a step train together, per group
-    of one split size and trainer config; a run whose method cannot pack trains alone."""
+    """Each run's TrainResult, or the error that ended its training (raised again where its record is written):
+    the runs that can share a step train together, per group of one split size and config; a run whose method
+    cannot pack trains alone. A group that fails takes no other group down."""
     groups: dict[str, list[Member]] = {}
     for m in live:
         method = m.run.model.vpeft_method
@@ -207,13 +207,17 @@ def _train(live: list[Member], device: torch.device) -> dict[int, Any]:
                 continue
             except PackError as e:  # another backbone, optimizer or grouping: the runs train one by one
                 log.warning("these %d runs cannot share a step (%s); they train one after another", len(group), e)
+            except Exception as e:  # out of memory, say: each run of the group is recorded failed with it
+                log.exception("the training of %d packed runs failed; they are recorded failed", len(group))
+                results.update({id(m): e for m in group})
+                continue
         for m in group:
             r = m.run
             try:
                 results[id(m)] = train(r.model, r.train_images, r.train_labels, r.eval_images, r.eval_labels,
                                        r.optimizer, TrainConfig(**m.plan.resolved["trainer"]), bb.mean, bb.std,
                                        device, seed=r.seed, on_epoch_end=r.on_epoch_end)  # fmt: skip
-            except DivergedError as e:
+            except Exception as e:  # a diverged loss, or any other error: this run's record says which
                 results[id(m)] = e
     return results
 
