@@ -60,10 +60,14 @@ def read_pack(sweep_dir: Path, index: int) -> list[dict[str, Any]]:
 
 
 class _Completion(TrainJob):
-    """The end of a packed run as the runner executes a job: its result into its record (or its divergence)."""
+    """The end of a packed run as the runner executes a job: its result into its record (or the error that ended
+    its training, raised again so that the record says it)."""
 
     def __init__(self, member: Member, result: Any, k: int, pack_id: str) -> None:
         self.member, self.result, self.k, self.pack_id = member, result, k, pack_id
+
+    def base_record(self, plan: Plan, env: dict[str, Any], started: str) -> dict[str, Any]:
+        return self.member.record  # set up before the pack trained
 
     def execute(self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context) -> None:
         ctx.state.update(self.member.ctx.state)
@@ -77,47 +81,46 @@ class _Completion(TrainJob):
 
 
 def run_pack(cfg: DictConfig, members: list[Member], pack_id: str) -> list[dict[str, Any] | None]:
-    """Plan, set up, train together and record every run of the pack; return their records."""
+    """Plan, set up, train together and record every run of the pack; return their records.
+
+    SIGTERM or Ctrl-C records every run that has started and has no record yet ``interrupted`` (a run whose
+    record is being written finishes it first), then ends the job as a lone run's would."""
     runner.mark_entered()
     job = TrainJob()
     _, multirun = runner.hydra_overrides()
     device = runner._device(cfg, multirun)
     started = runner.now()
     env = environment(device)
-    for m in members:
-        _plan(job, m, multirun)
-    live = [m for m in members if not m.done]
-    for m in live:
-        _setup(job, m, device, env, started, multirun)
-    live = [m for m in live if not m.done]
     previous = {s: signal.signal(s, runner._on_sigterm) for s in runner.stop_signals()}
+    phase = "setup"
     try:
+        for m in members:
+            _plan(job, m, multirun)
+        for m in [m for m in members if not m.done]:
+            _setup(job, m, device, env, started, multirun)
+        live = [m for m in members if not m.done]
+        phase = "training"
         results = _train(live, device)
+        phase = "costs and delta"
+        for m in live:
+            try:
+                runner._execute(_Completion(m, results[id(m)], len(live), pack_id), m.plan, device, multirun, started)
+            finally:
+                m.done = True
+                runner._write_status(m.record, False, m.plan, num=m.num)
     except KeyboardInterrupt as e:
         why = str(e) or "interrupted by the user (Ctrl-C)"
-        log.error("%s during the pack's training: recording its %d runs as interrupted", why, len(live))
+        rest = [m for m in members if not m.done and m.record is not None]
+        log.error("%s during %s: recording %d runs of the pack as interrupted", why, phase, len(rest))
         with runner.stops_held():
-            for m in live:
-                runner._finish_or_report(job, m.plan, m.record, "interrupted", f"{why} during training")
+            for m in rest:
+                runner._finish_or_report(job, m.plan, m.record, "interrupted", f"{why} during {phase}")
                 job.after(m.ctx, m.record, ok=False)
                 runner._write_status(m.record, False, m.plan, num=m.num)
         raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    for i, m in enumerate(live):
-        completion = _Completion(m, results[id(m)], len(live), pack_id)
-        try:
-            _complete(completion, m, device, multirun, started)
-        except KeyboardInterrupt as e:  # this run's record says interrupted; so do the records of the rest
-            why = str(e) or "interrupted by the user (Ctrl-C)"
-            with runner.stops_held():
-                for rest in live[i + 1 :]:
-                    runner._finish_or_report(job, rest.plan, rest.record, "interrupted", f"{why} after training")
-                    runner._write_status(rest.record, False, rest.plan, num=rest.num)
-            raise
-        finally:
-            runner._write_status(m.record, False, m.plan, num=m.num)
     return [m.record for m in members]
 
 
@@ -220,12 +223,3 @@ def _train(live: list[Member], device: torch.device) -> dict[int, Any]:
             except Exception as e:  # a diverged loss, or any other error: this run's record says which
                 results[id(m)] = e
     return results
-
-
-def _complete(completion: _Completion, m: Member, device: torch.device, multirun: bool,
-              started: str) -> dict[str, Any] | None:  # fmt: skip
-    """The runner's own execution of a job, for the end of one packed run: its record written (failed when it
-    diverged), a stop signal that comes meanwhile obeyed once the record is on disk."""
-    record = m.record
-    completion.base_record = lambda plan, env, started: record  # the record set up for the run, as it stands
-    return runner._execute(completion, m.plan, device, multirun, started)
