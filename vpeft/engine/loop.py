@@ -402,6 +402,23 @@ def _train(
     )
     _sync(device)
     eval_seconds = time.perf_counter() - eval_start
+    return train_result(cfg, history, top1, eval_loss, best, train_seconds, eval_seconds, n, amp, device)
+
+
+def train_result(
+    cfg: TrainConfig,
+    history: list[EpochStats],
+    top1: float,
+    eval_loss: float,
+    best: tuple[float, int] | None,
+    train_seconds: float,
+    eval_seconds: float,
+    n: int,
+    amp: str,
+    device: torch.device,
+) -> TrainResult:
+    """A run's result once its last evaluation is in: that top-1 on the last epoch and, with ``eval_every``, in
+    the best of the periodic ones (a flagged extra, never the reported number)."""
     history[-1].eval_top1 = top1
     if cfg.eval_every:
         best = max(best or (top1, cfg.epochs), (top1, cfg.epochs))

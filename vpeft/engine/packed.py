@@ -45,9 +45,9 @@ from vpeft.engine.loop import (
     autocast,
     frozen_in,
     input_dtype,
-    peak_memory_mb,
     resolve_amp,
     step_keys,
+    train_result,
 )
 from vpeft.errors import ConfigError
 from vpeft.layers import noise
@@ -440,7 +440,6 @@ def _train_packed(
     _sync(device)
     eval_seconds = (time.perf_counter() - eval_start) / max(len(live), 1)
     _write_back(runs, params, optimizer, head, classes)
-    peak, peak_kind = peak_memory_mb(device)
     results: list[TrainResult | DivergedError] = []
     scored = dict(zip(live, scores, strict=True))
     for i in range(k):
@@ -448,26 +447,8 @@ def _train_packed(
             results.append(failed[i])
             continue
         top1, eval_loss = scored[i]
-        history = histories[i]
-        history[-1].eval_top1 = top1
-        if cfg.eval_every:
-            best[i] = max(best[i] or (top1, cfg.epochs), (top1, cfg.epochs))
-        results.append(
-            TrainResult(
-                train_loss=history[-1].train_loss,
-                top1=top1,
-                eval_loss=eval_loss,
-                epochs=history,
-                train_seconds=train_seconds,
-                eval_seconds=eval_seconds,
-                train_images_per_s=cfg.epochs * n / train_seconds,
-                peak_mem_mb=peak,
-                peak_mem_kind=peak_kind,
-                amp=amp,
-                best_epoch_top1=best[i][0] if best[i] else None,
-                best_epoch=best[i][1] if best[i] else None,
-            )
-        )
+        results.append(train_result(cfg, histories[i], top1, eval_loss, best[i], train_seconds, eval_seconds, n, amp,
+                                    device))  # fmt: skip
     return results
 
 
