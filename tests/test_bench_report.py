@@ -62,12 +62,25 @@ def table(md: str, header: str) -> list[list[str]]:
     return rows
 
 
+# targets whose definition changed since a committed check ran: old row -> the row that replaces it
+RESTATED = {
+    "gpu_check_nvidia-h200": {
+        "slowest method's training step, batch 256 eager (images/s)":
+            "slowest method's training step over the frozen floor, batch 256 eager",
+    },
+}  # fmt: skip
+
+
 @pytest.mark.parametrize("stem", sorted(COMMITTED))
 def test_committed_results_re_render_through_the_report_writer(stem):
     suite = COMMITTED[stem]
     result = json.loads((BENCHMARKS / f"{stem}.json").read_text())
     committed = (BENCHMARKS / f"{stem}.md").read_text()
-    assert suite.targets(result) == result["targets"]  # the targets are still derived from the numbers as before
+    now = {t["target"]: t for t in suite.targets(result)}  # the current definitions, applied to the old numbers
+    stored = {t["target"]: t for t in result["targets"]}
+    restated = RESTATED.get(stem, {})
+    assert set(stored) - set(now) == set(restated) and set(now) - set(stored) == set(restated.values())
+    assert all(now[name] == row for name, row in stored.items() if name not in restated)
     page = suite.markdown(result)
 
     # every number and every target verdict of the committed page is in the new one
@@ -83,7 +96,7 @@ def test_committed_results_re_render_through_the_report_writer(stem):
     got = normalized(page)
     if suite is gpu_check:  # steps added since this check ran are listed as not reached
         added = [n for n in gpu_check.STEP_NAMES if f"| {n} |" not in committed]
-        assert added == ["serve"] and "serve" not in result["steps"]
+        assert added == ["pack", "pack_parity", "serve"] and not set(added) & set(result["steps"])
         got = [line for line in got if not any(line.startswith(f"| {n} | not reached |") for n in added)]
     assert got == expected
 

@@ -499,7 +499,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 ratio >= TARGETS["vpt_per_token_vs_lora"])  # fmt: skip
     fin, usual = sec("final", "final") or {}, sec("final", "usual") or {}
     eager = [r for r in fin.get("runs", []) if not r["compiled"]]
-    if eager:
+    if eager and fin.get("drop_path") == 0.1:  # the recipes' drop path (checks before it trained without)
         limit, took = TARGETS["final_train_seconds_eager"], eager[0]["train_seconds"]
         add("one final run's training, eager, batch 64, drop path 0.1 (s)", f"<= {limit}", took, took <= limit,
             ".1f")  # fmt: skip
@@ -515,9 +515,11 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     sweeps = [r for r in (st.get("sweep") or {}).get("runs", []) if r.get("runs_per_hour")]
     if sweeps:
         best = max(sweeps, key=lambda r: r["runs_per_hour"])
-        how = f"pack {best.get('pack', 1)}, {best['jobs_per_gpu']} per GPU"
-        add("final runs per GPU-hour through the launcher", f">= {TARGETS['runs_per_gpu_hour']:.0f}",
-            f"{best['runs_per_hour']:.0f} ({how})", best["runs_per_hour"] >= TARGETS["runs_per_gpu_hour"])  # fmt: skip
+        shown = f"{best['runs_per_hour']:.0f}"
+        if any(r.get("pack", 1) > 1 for r in sweeps):  # which way got there, once packs were measured too
+            shown += f" (pack {best.get('pack', 1)}, {best['jobs_per_gpu']} per GPU)"
+        add("final runs per GPU-hour through the launcher", f">= {TARGETS['runs_per_gpu_hour']:.0f}", shown,
+            best["runs_per_hour"] >= TARGETS["runs_per_gpu_hour"])  # fmt: skip
     gaps = (st.get("pack_parity") or {}).get("gaps")
     if gaps:
         worst, mean = max(gaps), sum(gaps) / len(gaps)
@@ -545,6 +547,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     for mode, ratio in (pf.get("ours_over_peft_by_mode") or {}).items():
         add(f"vpeft LoRA step over peft's, batch {pf.get('batch')}, {mode} against {mode}",
             f">= {TARGETS['lora_vs_peft']}x", ratio, ratio >= TARGETS["lora_vs_peft"])  # fmt: skip
+    if "ours_over_peft" in pf and "ours_over_peft_by_mode" not in pf:  # a check from before both modes ran
+        add("vpeft LoRA step over peft's", f">= {TARGETS['lora_vs_peft']}x", pf["ours_over_peft"],
+            pf["ours_over_peft"] >= TARGETS["lora_vs_peft"])  # fmt: skip
     lat = [r for r in (sec("latency", "latency") or {}).get("rows", []) if r["method"] == "lora" and r["merged_x"]]
     if lat:
         worst = max(lat, key=lambda r: r["merged_x"])

@@ -230,6 +230,7 @@ def section_final(args, device, cache: Path) -> dict[str, Any]:
         "method": args.method,
         "epochs": args.epochs,
         "batch": 64,
+        "drop_path": args.drop_path,
         "data_cold_seconds": cold,
         "runs": [],
     }
