@@ -55,6 +55,7 @@ BAD_VALUES = [
     (["trainer.warmup_lr=-1"], ["trainer.warmup_lr", "got -1", ">= 0"]),
     (["trainer.warmup_epochs=-1"], ["trainer.warmup_epochs", "got -1", "[0, epochs=100]"]),
     (["trainer.compile=yes"], ["trainer.compile", "got 'yes'", "true or false"]),
+    (["trainer.compile_mode=fast"], ["trainer.compile_mode", "got 'fast'", "reduce-overhead", "compile_mode=default"]),
     (["trainer.progress=1"], ["trainer.progress", "got 1", "true or false"]),
     (["trainer.amp=fp16"], ["trainer.amp", "got 'fp16'", "auto, bf16 or none"]),
     (["save_delta=maybe"], ["save_delta", "got 'maybe'", "true or false"]),

@@ -186,3 +186,14 @@ def test_vtab1k_grid_items_and_overrides_stay_apart(tmp_path):
     assert "a tune grid takes --grid optim.weight_decay=0,1e-4" in res.stderr
     res = subprocess.run([*cmd[:6], "--grid", "optim.lr"], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 2 and "--grid takes one KEY=V1,V2 item, got 'optim.lr'" in res.stderr
+
+
+def test_vtab1k_pack_reaches_both_stages_and_refuses_less_than_one(tmp_path):
+    base = [sys.executable, str(ROOT / "scripts" / "vtab1k.py"), "lora", "--tasks", "digits", "--dry-run",
+            "backbone=vit_tiny_random", f"paths.results={tmp_path / 'runs'}"]  # fmt: skip
+    res = subprocess.run([*base, "--pack", "8"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    stages = [line.split() for line in res.stdout.splitlines() if line.startswith("$ ")]
+    assert len(stages) == 2 and all("pack=8" in stage for stage in stages)
+    res = subprocess.run([*base, "--pack", "0"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "--pack must be at least 1, got 0" in res.stderr
