@@ -55,15 +55,21 @@ def run_pack_job(cfg: DictConfig) -> list[dict[str, Any] | None]:
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
-    from vpeft.jobs.pack import Member, read_pack, run_pack
+    from vpeft.jobs.pack import PACKS_FILE, Member, read_pack, run_pack
 
     hc = HydraConfig.get()
     sweep_dir = Path(hc.sweep.dir)
-    index = int(cfg.pack_job)
-    members = [
-        Member(num=m["num"], overrides=m["overrides"], cfg=compose(hc.job.config_name, overrides=m["overrides"]))
-        for m in read_pack(sweep_dir, index)
-    ]
+    try:
+        index = int(cfg.pack_job)
+        pack = read_pack(sweep_dir, index)
+        pairs = [(int(m["num"]), [str(o) for o in m["overrides"]]) for m in pack]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+        mark_entered()
+        print(f"error: pack_job={cfg.pack_job}: no such pack in {sweep_dir / PACKS_FILE} ({type(e).__name__}: {e}); "
+              "the sweep writes that file and sets pack_job itself: run the sweep with pack=K instead of setting "
+              "pack_job", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    members = [Member(num=num, overrides=o, cfg=compose(hc.job.config_name, overrides=o)) for num, o in pairs]
     return run_pack(cfg, members, pack_id=f"{sweep_dir}#{index}")
 
 
