@@ -1,8 +1,9 @@
 """Packed training against each run trained alone by ``vpeft.engine.train``, in float64.
 
-Three runs of one method with different tasks (5 and 3 classes, split sizes that leave a partial last
-batch), seeds, learning rates and weight decays train in one pack; each must end where it ends alone:
-the same per-epoch losses, learning rates, evaluation, trained tensors and optimizer state.
+Four runs of one method with different tasks (5 and 3 classes, split sizes that leave a partial last
+batch), seeds, learning rates, weight decays and the method's fixed scale (LoRA's alpha, ...) train in
+one pack; each must end where it ends alone: the same per-epoch losses, learning rates, evaluation,
+trained tensors and optimizer state.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ NOISY = {"lora": {"dropout": 0.1}, "dora": {"dropout": 0.1}, "vpt_deep": {"dropo
          "vpt_shallow": {"dropout": 0.1}}  # fmt: skip
 ALONE = {"full", "adalora", "adapter_fusion"}
 PACKABLE = [m for m in vpeft.list_methods() if m not in ALONE]
+# each run's own value of what a pack may hold per run (Method.per_run_config)
+PER_RUN = {"alpha": [4.0, 16.0, 8.0, 12.0], "scale": [0.1, 1.0, 0.5, 3.0]}
+
+
+def per_run(method: str, i: int) -> dict[str, float]:
+    return {key: PER_RUN[key][i] for key in METHODS.get(method).per_run_config}
 
 
 def task(classes: int, n_train: int, n_eval: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -136,15 +143,34 @@ CONFIG = TrainConfig(epochs=3, batch_size=16, warmup_epochs=1, eval_batch_size=1
 
 @pytest.mark.parametrize("method", PACKABLE)
 def test_packed_runs_end_where_each_ends_alone(method):
-    """Tasks with 5 and 3 classes, seeds, lr, weight decay and its rule all differ; 40 images in batches of 16."""
+    """Tasks with 5 and 3 classes, seeds, lr, weight decay and its rule, and the method's fixed scale all differ;
+    40 images in batches of 16."""
     runs = [
-        build(method, "five", 1, {"lr": 1e-2, "weight_decay": 1e-4}),
-        build(method, "three", 2, {"lr": 3e-3, "weight_decay": 5e-2}),
-        build(method, "five", 3, {"lr": 5e-3, "weight_decay": 0.0}),  # one param group where the others have two
-        build(method, "three", 4, {"lr": 2e-3, "weight_decay": 1e-2, "decay_1d": True}),  # 1-D tensors decay too
+        build(method, "five", 1, {"lr": 1e-2, "weight_decay": 1e-4}, **per_run(method, 0)),
+        build(method, "three", 2, {"lr": 3e-3, "weight_decay": 5e-2}, **per_run(method, 1)),
+        # one param group where the others have two
+        build(method, "five", 3, {"lr": 5e-3, "weight_decay": 0.0}, **per_run(method, 2)),
+        # 1-D tensors decay too
+        build(method, "three", 4, {"lr": 2e-3, "weight_decay": 1e-2, "decay_1d": True}, **per_run(method, 3)),
     ]
+    before = [scales(r.model) for r in runs]
     results, copies = packed_and_alone(runs, CONFIG)
     assert_same_as_alone(runs, CONFIG, results, copies)
+    assert [scales(r.model) for r in runs] == before  # each run's floats are back in its layers
+    if METHODS.get(method).per_run_config:
+        assert len({tuple(s.values()) for s in before}) == len(runs)  # the values the runs differ in are there
+
+
+def scales(model) -> dict[str, float]:
+    """Every per-run float of the model's delta layers (Delta.per_run), each checked to be a float."""
+    out = {}
+    for path, module in model.named_modules():
+        for attr in getattr(module, "per_run", ()):
+            value = getattr(module, attr)
+            assert isinstance(value, float | torch.nn.Parameter), (path, attr, type(value))
+            if isinstance(value, float):
+                out[f"{path}.{attr}"] = value
+    return out
 
 
 @pytest.mark.parametrize(
@@ -214,7 +240,8 @@ def test_a_diverging_run_fails_alone():
 def test_runs_that_cannot_share_a_step_are_refused():
     """Each refusal names what differs."""
     a = build("lora", "five", 1, {"lr": 1e-2, "weight_decay": 0.0})
-    with pytest.raises(PackError, match="method"):
+    shares = r"method.*'r': 4.*a pack shares one method config \(they may differ in alpha\)"
+    with pytest.raises(PackError, match=shares):
         train_packed([a, build("lora", "five", 2, {"lr": 1e-2, "weight_decay": 0.0}, r=4)], CONFIG, MEAN, STD, DEVICE)
     with pytest.raises(PackError, match="method"):
         train_packed([a, build("ssf", "five", 2, {"lr": 1e-2, "weight_decay": 0.0})], CONFIG, MEAN, STD, DEVICE)
@@ -272,13 +299,14 @@ def test_every_other_method_packs():
 @pytest.mark.slow
 def test_a_compiled_pack_trains_what_an_eager_pack_does():
     """trainer.compile on a pack: one compilation for every step (the last batch of 8 padded to 16) and for the next
-    pack of the same shape (other models, seeds and rates), float32 results within compilation's rounding of the eager
-    pack's."""
+    pack of the same shape (other models, seeds, rates and scales), float32 results within compilation's rounding of
+    the eager pack's."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     results = []
     for compiled in (False, True):
-        runs = [build("adaptformer", t, s, {"lr": 1e-2, "weight_decay": 1e-4}) for t, s in (("five", 1), ("three", 2))]
+        runs = [build("adaptformer", t, s, {"lr": 1e-2, "weight_decay": 1e-4}, scale=c)
+                for t, s, c in (("five", 1, 0.1), ("three", 2, 1.0))]  # fmt: skip
         for r in runs:
             r.model.float()
         config = dataclasses.replace(CONFIG, epochs=2, compile=compiled)
@@ -286,7 +314,8 @@ def test_a_compiled_pack_trains_what_an_eager_pack_does():
     (eager, eager_runs), (comp, comp_runs) = results
     graphs = dict(torch._dynamo.utils.counters["stats"])
     assert graphs["unique_graphs"] >= 1
-    again = [build("adaptformer", t, s, {"lr": 1e-3, "weight_decay": 0.0}) for t, s in (("three", 5), ("five", 6))]
+    again = [build("adaptformer", t, s, {"lr": 1e-3, "weight_decay": 0.0}, scale=c)
+             for t, s, c in (("three", 5, 0.5), ("five", 6, 3.0))]  # fmt: skip
     for r in again:
         r.model.float()
     train_packed(again, dataclasses.replace(CONFIG, epochs=1, compile=True), MEAN, STD, DEVICE)
@@ -310,14 +339,19 @@ def test_a_pack_group_that_fails_takes_no_other_group_down():
 
     trainer = dataclasses.asdict(dataclasses.replace(CONFIG, epochs=1))
     members = []
-    for num, (method, seed) in enumerate([("lora", 1), ("lora", 2), ("ssf", 3), ("ssf", 4)]):
-        run = build(method, "five", seed, {"lr": 1e-2, "weight_decay": 0.0}, drop_path=0.0)
+    spec = [("lora", 1, {"alpha": 8.0}), ("lora", 2, {"alpha": 16.0}), ("ssf", 3, {}), ("ssf", 4, {}),
+            ("lora", 5, {"alpha": 8.0, "r": 4})]  # fmt: skip
+    for num, (method, seed, options) in enumerate(spec):
+        run = build(method, "five", seed, {"lr": 1e-2, "weight_decay": 0.0}, drop_path=0.0, **options)
         if method == "ssf":
             run.train_images = run.train_images[:, :2]  # two channels: the patch embedding refuses them
-        resolved = {"trainer": trainer, "method": {"name": method}, "optim": {"lr": 1e-2}, "backbone": {"name": "t"}}
+        resolved = {"trainer": trainer, "method": {"name": method, **options}, "optim": {"lr": 1e-2},
+                    "backbone": {"name": "t"}}  # fmt: skip
         plan = SimpleNamespace(resolved=resolved, record_path=Path(f"/nowhere/{num}.json"))
         ctx = Context(state={"backbone": SimpleNamespace(mean=MEAN, std=STD)})
         members.append(Member(num=num, overrides=[], cfg=None, plan=plan, ctx=ctx, run=run))
     results = _train(members, DEVICE)
-    assert [type(results[id(m)]) for m in members[:2]] == [TrainResult, TrainResult]
-    assert all(isinstance(results[id(m)], RuntimeError) for m in members[2:])
+    # the LoRA runs of alpha 8 and 16 share their steps, the one of rank 4 trains alone
+    assert [(type(results[id(m)][0]), results[id(m)][1]) for m in (members[0], members[1], members[4])] == [
+        (TrainResult, 2), (TrainResult, 2), (TrainResult, 1)]  # fmt: skip
+    assert all(isinstance(results[id(m)][0], RuntimeError) and results[id(m)][1] == 2 for m in members[2:4])

@@ -103,7 +103,8 @@ def sweep(sweeper: Any, arguments: list[str]) -> list[Any]:
     return returns
 
 
-# what may differ between the runs of one pack (vpeft.engine.packed); everything else must match
+# what may differ between the runs of one pack (vpeft.engine.packed), with the method's own fixed scales
+# (Method.per_run_config: LoRA's alpha, ...); everything else must match
 PACK_MAY_DIFFER = ("dataset", "seed", "optim.lr", "optim.weight_decay", "hparams")
 
 
@@ -124,6 +125,7 @@ def _packs(loader: Any, config: DictConfig, planned: list[dict[str, Any]], size:
 
     from vpeft.jobs.pack import write_packs
     from vpeft.jobs.train import apply_hparams
+    from vpeft.methods import METHODS
 
     groups: dict[str, list[dict[str, Any]]] = {}
     for job in planned:
@@ -134,7 +136,9 @@ def _packs(loader: Any, config: DictConfig, planned: list[dict[str, Any]], size:
             groups[f"alone-{job['num']}"] = [job]
             continue
         plain = OmegaConf.create(OmegaConf.to_container(cfg))
-        for key in (*PACK_MAY_DIFFER, "hydra"):
+        name = OmegaConf.select(plain, "method.name")
+        own = METHODS.get(name).per_run_config if name in METHODS else ()
+        for key in (*PACK_MAY_DIFFER, *(f"method.{k}" for k in own), "hydra"):
             parent, _, leaf = key.rpartition(".")
             node = OmegaConf.select(plain, parent) if parent else plain
             if node is not None and leaf in node:

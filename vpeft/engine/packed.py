@@ -1,7 +1,8 @@
 """Packed training: K runs of one method share each training step.
 
-The runs of a sweep share everything but their delta, head, learning rate, weight decay, seed and task.
-So one forward and backward serves K of them: every trainable tensor is stacked ``[K, ...]`` and the
+The runs of a sweep share everything but their delta, head, learning rate, weight decay, seed, task and
+a method's fixed scale (LoRA's alpha, ``Method.per_run_config``). So one forward and backward serves K
+of them: every trainable tensor is stacked ``[K, ...]`` (each fixed scale ``[K]``) and the
 model runs under ``torch.func.vmap`` over that stack (``functional_call`` of one template model), so
 each run's samples pass through its own delta and head while the frozen weights are read once for
 all (a frozen linear layer becomes one GEMM over K x batch rows; the deltas become batched GEMMs).
@@ -201,13 +202,18 @@ def _check_pack(runs: Sequence[PackedRun]) -> tuple[list[str], set[str], str]:
     shapes = {n: p.shape for n, p in first.model.named_parameters()}
     frozen = {n: t for n, t in first.model.state_dict().items() if n not in trainable}
     n_train = len(first.train_labels)
+
+    def shared_config(m: Method) -> dict:
+        return {k: v for k, v in m.config_dict().items() if k not in m.per_run_config}
+
     for i, run in enumerate(runs[1:], start=1):
         other = applied_method(run.model)
-        if other is None or other.name != method.name or other.config_dict() != method.config_dict():
+        if other is None or other.name != method.name or shared_config(other) != shared_config(method):
+            may = f" (they may differ in {', '.join(method.per_run_config)})" if method.per_run_config else ""
             raise PackError(
                 f"run {i} of the pack differs from run 0 in its method: "
                 f"{other.name if other else None} {other.config_dict() if other else {}} against "
-                f"{method.name} {method.config_dict()}; a pack shares one method config"
+                f"{method.name} {method.config_dict()}; a pack shares one method config{may}"
             )
         names = [n for n, p in run.model.named_parameters() if p.requires_grad]
         if names != trainable:
@@ -237,7 +243,7 @@ def _check_pack(runs: Sequence[PackedRun]) -> tuple[list[str], set[str], str]:
                 if a.get(key) != b.get(key):
                     raise PackError(
                         f"run {i} of the pack has optim {key}={a.get(key)!r}, run 0 {b.get(key)!r}; "
-                        f"packed runs may differ in lr and weight_decay only"
+                        f"packed runs' optimizers may differ in lr and weight_decay only"
                     )
     for i, run in enumerate(runs):
         if kind == "adamw" and run.optimizer.param_groups[0].get("amsgrad"):
@@ -339,6 +345,8 @@ def _train_packed(
         params[name] = torch.stack(tensors).requires_grad_(True)
     groups = _groups(runs, trainable, kind, device)
     optimizer = _StackedOptimizer(groups, params, runs[0].optimizer)
+    # each run's fixed scales (LoRA's alpha / r, ...) as [K] tensors the template reads in place of its floats
+    inputs = {**params, **_per_run_values(runs, template, device, stack)}
     n_classes = torch.tensor(classes, device=device)
     valid = None if len(set(classes)) == 1 else torch.arange(c_max, device=device)[None, :] < n_classes[:, None]
 
@@ -389,7 +397,7 @@ def _train_packed(
             x = normalize(train_x[flat].to(device, non_blocking=True)).view(k, idx.shape[1], *train_x.shape[1:])
             y = train_y[idx[:, :b].reshape(-1)].to(device, non_blocking=True).view(k, b)
             with autocast(amp, device):
-                logits = step_batched(params, x, keys[step] if keys is not None else None)[:, :b]
+                logits = step_batched(inputs, x, keys[step] if keys is not None else None)[:, :b]
             losses = _cross_entropy(at_least_fp32(logits), y, valid, n_classes, cfg.label_smoothing)
             for p in params.values():
                 p.grad = None
@@ -419,7 +427,7 @@ def _train_packed(
             histories[i].append(stats)
         if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
             live = [i for i in range(k) if i not in failed]
-            for i, (top1, _) in zip(live, _evaluate(template, params, runs, live, valid, mean, std, device, cfg, amp),
+            for i, (top1, _) in zip(live, _evaluate(template, inputs, runs, live, valid, mean, std, device, cfg, amp),
                                     strict=True):  # fmt: skip
                 histories[i][-1].eval_top1 = top1
                 if best[i] is None or top1 > best[i][0]:
@@ -436,7 +444,7 @@ def _train_packed(
     train_seconds = (time.perf_counter() - start) / k  # each run's share of the pack's wall time
     live = [i for i in range(k) if i not in failed]
     eval_start = time.perf_counter()
-    scores = _evaluate(template, params, runs, live, valid, mean, std, device, cfg, amp) if live else []
+    scores = _evaluate(template, inputs, runs, live, valid, mean, std, device, cfg, amp) if live else []
     _sync(device)
     eval_seconds = (time.perf_counter() - eval_start) / max(len(live), 1)
     _write_back(runs, params, optimizer, head, classes)
@@ -450,6 +458,32 @@ def _train_packed(
         results.append(train_result(cfg, histories[i], top1, eval_loss, best[i], train_seconds, eval_seconds, n, amp,
                                     device))  # fmt: skip
     return results
+
+
+def _per_run_values(
+    runs: Sequence[PackedRun], template: nn.Module, device: torch.device, stack: contextlib.ExitStack
+) -> dict[str, torch.Tensor]:
+    """Every fixed float a delta layer declares per run (``Delta.per_run``), stacked over the runs as a [K] float64
+    tensor (a 0-dim tensor promotes no dtype, as the float did) under its name; for the pack's duration the
+    template holds a buffer of that name in place of the float, so functional_call substitutes each run's value."""
+    values: dict[str, torch.Tensor] = {}
+    for path, module in template.named_modules():
+        for attr in getattr(module, "per_run", ()):
+            if not isinstance(getattr(module, attr), float):  # a learned scale is a trainable tensor already
+                continue
+            name = f"{path}.{attr}" if path else attr
+            values[name] = torch.tensor([float(getattr(r.model.get_submodule(path), attr)) for r in runs],
+                                        dtype=torch.float64, device=device)  # fmt: skip
+            value = getattr(module, attr)
+            delattr(module, attr)
+            module.register_buffer(attr, values[name][0].clone(), persistent=False)
+            stack.callback(_restore, module, attr, value)
+    return values
+
+
+def _restore(module: nn.Module, attr: str, value: float) -> None:
+    del module._buffers[attr]
+    setattr(module, attr, value)
 
 
 def _batched(template: nn.Module, in_dims: tuple) -> Callable[..., torch.Tensor]:

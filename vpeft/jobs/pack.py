@@ -104,7 +104,8 @@ def run_pack(cfg: DictConfig, members: list[Member], pack_id: str) -> list[dict[
         phase = "costs and delta"
         for m in live:
             try:
-                runner._execute(_Completion(m, results[id(m)], len(live), pack_id), m.plan, device, multirun, started)
+                result, k = results[id(m)]
+                runner._execute(_Completion(m, result, k, pack_id), m.plan, device, multirun, started)
             finally:
                 m.done = True
                 runner._write_status(m.record, False, m.plan, num=m.num)
@@ -180,10 +181,11 @@ def _setup(job: TrainJob, m: Member, device: torch.device, env: dict[str, Any], 
         m.done = True
 
 
-def _train(live: list[Member], device: torch.device) -> dict[int, Any]:
-    """Each run's TrainResult, or the error that ended its training (raised again where its record is written):
-    the runs that can share a step train together, per group of one split size and config; a run whose method
-    cannot pack trains alone. A group that fails takes no other group down."""
+def _train(live: list[Member], device: torch.device) -> dict[int, tuple[Any, int]]:
+    """Each run's TrainResult, or the error that ended its training (raised again where its record is written),
+    with the number of runs it shared its steps with (itself included): the runs that can share a step train
+    together, per group of one split size and config; a run whose method cannot pack trains alone. A group that
+    fails takes no other group down."""
     groups: dict[str, list[Member]] = {}
     for m in live:
         method = m.run.model.vpeft_method
@@ -191,12 +193,13 @@ def _train(live: list[Member], device: torch.device) -> dict[int, Any]:
             check_packable(method, m.run.model)
             r = m.plan.resolved
             shared_optim = {k: v for k, v in r["optim"].items() if k not in ("lr", "weight_decay")}
-            key = repr((len(m.run.train_labels), r["trainer"], r["method"], shared_optim, r["backbone"]))
+            shared_method = {k: v for k, v in r["method"].items() if k not in method.per_run_config}
+            key = repr((len(m.run.train_labels), r["trainer"], shared_method, shared_optim, r["backbone"]))
         except PackError as e:
             log.info("%s: trains alone (%s)", m.plan.record_path.name, e)
             key = f"alone-{m.num}"
         groups.setdefault(key, []).append(m)
-    results: dict[int, Any] = {}
+    results: dict[int, tuple[Any, int]] = {}
     for group in groups.values():
         for m in group:
             m.ctx.phase = "training"
@@ -206,20 +209,21 @@ def _train(live: list[Member], device: torch.device) -> dict[int, Any]:
         if len(group) > 1:
             try:
                 outcome = train_packed([m.run for m in group], trainer, bb.mean, bb.std, device)
-                results.update({id(m): r for m, r in zip(group, outcome, strict=True)})
+                results.update({id(m): (r, len(group)) for m, r in zip(group, outcome, strict=True)})
                 continue
             except PackError as e:  # another backbone, optimizer or grouping: the runs train one by one
                 log.warning("these %d runs cannot share a step (%s); they train one after another", len(group), e)
             except Exception as e:  # out of memory, say: each run of the group is recorded failed with it
                 log.exception("the training of %d packed runs failed; they are recorded failed", len(group))
-                results.update({id(m): e for m in group})
+                results.update({id(m): (e, len(group)) for m in group})
                 continue
         for m in group:
             r = m.run
             try:
-                results[id(m)] = train(r.model, r.train_images, r.train_labels, r.eval_images, r.eval_labels,
-                                       r.optimizer, TrainConfig(**m.plan.resolved["trainer"]), bb.mean, bb.std,
-                                       device, seed=r.seed, on_epoch_end=r.on_epoch_end)  # fmt: skip
+                result = train(r.model, r.train_images, r.train_labels, r.eval_images, r.eval_labels, r.optimizer,
+                               TrainConfig(**m.plan.resolved["trainer"]), bb.mean, bb.std, device, seed=r.seed,
+                               on_epoch_end=r.on_epoch_end)  # fmt: skip
             except Exception as e:  # a diverged loss, or any other error: this run's record says which
-                results[id(m)] = e
+                result = e
+            results[id(m)] = (result, 1)
     return results

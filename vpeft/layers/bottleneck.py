@@ -17,6 +17,8 @@ class Bottleneck(Delta):
     a fixed float, or a learned scalar starting at 1.0 when ``learnable_scale`` is set.
     """
 
+    per_run = ("scale",)  # when a fixed float
+
     def __init__(
         self,
         dim: int,

@@ -16,6 +16,7 @@ by type, never by parameter names.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -23,6 +24,10 @@ from torch import nn
 
 class Delta(nn.Module):
     """Marker base: the parameters returned by ``delta_parameters`` are a method's delta."""
+
+    # fixed float attributes (a scale) that runs packed together may hold different values of: in a pack
+    # (vpeft.engine.packed) each becomes a [K] tensor, so the layer's forward must accept a 0-dim tensor there
+    per_run: ClassVar[tuple[str, ...]] = ()
 
     def delta_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return self.named_parameters()

@@ -19,6 +19,8 @@ class LoRA(OutputDelta):
     A is Kaiming-uniform, B zero, so the layer is unchanged at init.
     """
 
+    per_run = ("scaling",)
+
     def __init__(
         self,
         in_features: int,
@@ -73,9 +75,12 @@ class LoRA(OutputDelta):
 
     def forward(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         h = F.linear(self.dropout(inp), self._a())
+        scaling = self.scaling
+        if isinstance(scaling, torch.Tensor):  # each packed run's own alpha / r (Delta.per_run)
+            h, scaling = h * scaling, 1.0
         # out + scaling * h @ B^T as one GEMM whose epilogue scales and adds ``out``: no pass over the output or B
         b = self._placed_b()
-        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling).view(
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling).view(
             out.shape
         )
 

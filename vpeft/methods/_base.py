@@ -40,6 +40,8 @@ class Method:
     legacy_defaults: ClassVar[dict[str, Any]] = {}
     # why runs of this method cannot share a training step with others (vpeft.engine.packed); "" : they can
     runs_alone: ClassVar[str] = ""
+    # config fields that runs packed together may differ in: fixed scales their layers hold as Delta.per_run
+    per_run_config: ClassVar[tuple[str, ...]] = ()
     # whether its delta reads the frozen host weights itself (DoRA's norms), so training keeps them in float32
     reads_frozen_weights: ClassVar[bool] = False
 

@@ -55,6 +55,7 @@ class AdaptFormerBlock(nn.Module):
 @register("adaptformer")
 class AdaptFormer(Method):
     Config = AdaptFormerConfig
+    per_run_config = ("scale",)
 
     def inject(self, model: nn.Module) -> None:
         cfg: AdaptFormerConfig = self.config

@@ -50,6 +50,8 @@ class DoRA(OutputDelta):
     The host layer is held as a plain reference (its weight is read, never trained).
     """
 
+    per_run = ("scaling",)
+
     def __init__(self, host: nn.Linear, lora: LoRA, detach_norm: bool = True):
         super().__init__()
         self.__dict__["host"] = host
@@ -118,6 +120,7 @@ class DoRA(OutputDelta):
 @register("dora")
 class DoRAMethod(Method):
     Config = DoRAConfig
+    per_run_config = ("alpha",)
     mergeable = True
     reads_frozen_weights = True  # the column norms of W0 + scale B A, in float32
     merge_atol = 1e-5

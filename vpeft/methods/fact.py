@@ -93,6 +93,8 @@ class FacTSite(OutputDelta):
     here, TK's are computed from the shared ``C`` and ``P`` at this layer's slots.
     """
 
+    per_run = ("scale",)
+
     def __init__(self, factors: FacTFactors, kind: str, mult: int, slot: int, scale: float, dropout: float):
         super().__init__()
         self.__dict__["factors"] = factors  # shared: a plain reference, its parameters belong to model.fact
@@ -153,6 +155,7 @@ class FacTSite(OutputDelta):
 @register("fact")
 class FacT(Method):
     Config = FacTConfig
+    per_run_config = ("scale",)
     mergeable = True
     merge_atol = 1e-5
 

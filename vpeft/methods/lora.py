@@ -63,6 +63,7 @@ class LoRAConfig(MethodConfig):
 @register("lora")
 class LoRAMethod(Method):
     Config = LoRAConfig
+    per_run_config = ("alpha",)
     mergeable = True
     merge_atol = 1e-5
 

@@ -61,6 +61,8 @@ class RepAdapterConfig(MethodConfig):
 class RepAdapter(OutputDelta):
     """``out + s * (up(dropout(down(out))))`` with a group-wise ``up``: ``[d, h / groups]`` per output channel."""
 
+    per_run = ("scale",)
+
     def __init__(self, features: int, dim: int, groups: int, scale: float, dropout: float, device=None, dtype=None):
         super().__init__()
         if features % groups:
@@ -115,6 +117,7 @@ def fold_input_affine(host: nn.Linear, m: torch.Tensor, c: torch.Tensor) -> None
 @register("repadapter")
 class RepAdapterMethod(Method):
     Config = RepAdapterConfig
+    per_run_config = ("scale",)
     mergeable = True
     merge_atol = 1e-5
 
