@@ -355,3 +355,19 @@ def test_a_pack_group_that_fails_takes_no_other_group_down():
     assert [(type(results[id(m)][0]), results[id(m)][1]) for m in (members[0], members[1], members[4])] == [
         (TrainResult, 2), (TrainResult, 2), (TrainResult, 1)]  # fmt: skip
     assert all(isinstance(results[id(m)][0], RuntimeError) and results[id(m)][1] == 2 for m in members[2:4])
+
+
+def test_the_stack_holds_each_runs_own_tensors_bitwise():
+    """At learning rate 0 a pack changes nothing: every run's tensors (heads of 5 and 3 classes, stacked into one
+    padded to 5, and the delta) come back from the stack bitwise, and the first epoch's loss is the one the run
+    has alone at its initial values."""
+    runs = [build("lora", t, s, {"lr": 0.0, "weight_decay": 0.0}, drop_path=0.0, alpha=a)
+            for t, s, a in (("five", 1, 4.0), ("three", 2, 16.0))]  # fmt: skip
+    before = [{n: p.detach().clone() for n, p in r.model.named_parameters()} for r in runs]
+    config = dataclasses.replace(CONFIG, epochs=1, warmup_epochs=0, min_lr=0.0, warmup_lr=0.0)
+    results, copies = packed_and_alone(runs, config)
+    for run, init in zip(runs, before, strict=True):
+        for name, p in run.model.named_parameters():
+            assert torch.equal(p, init[name]), name
+    for packed, own in zip(results, copies, strict=True):
+        assert packed.epochs[0].train_loss == pytest.approx(alone(own, config)[2].epochs[0].train_loss, rel=1e-13)
