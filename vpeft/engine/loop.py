@@ -24,6 +24,7 @@ from torch import nn
 
 from vpeft.errors import ConfigError, RunFailed, check_value, shown
 from vpeft.layers import noise
+from vpeft.methods._base import Method
 from vpeft.progress import progress as progress_bar
 
 
@@ -111,6 +112,17 @@ class TrainResult:
     amp: str
     best_epoch_top1: float | None = None  # flagged extra: best over periodic evaluations (test-set selection)
     best_epoch: int | None = None
+
+
+@dataclasses.dataclass
+class Resume:
+    """Where a run stopped at a rung (``train(stop_after=...)``) goes on from: after ``epoch`` epochs of its
+    schedule, with the history and best periodic evaluation so far (its model's trainable tensors and its
+    optimizer's state restored by the caller)."""
+
+    epoch: int
+    history: list[EpochStats]
+    best: tuple[float, int] | None = None
 
 
 class Normalizer:
@@ -285,18 +297,25 @@ def train(
     device: torch.device,
     seed: int = 0,
     on_epoch_end: Callable[[EpochStats], None] | None = None,
+    resume: Resume | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` and evaluate it after the last epoch.
 
     ``optimizer`` holds the parameters to train (the caller decides which). A NaN or infinite
     epoch loss raises DivergedError; the learning rate follows linear warm-up then cosine decay,
     updated every step. Under bf16 autocast the frozen weights are held in bf16 meanwhile (``frozen_in``).
+
+    ``stop_after`` ends training after that epoch of the schedule (a rung of successive halving: the same
+    learning-rate curve, evaluated there); ``resume`` continues such a run from where it stopped, its model
+    and optimizer restored by the caller: the data order, learning rate and dropout masks go on exactly as
+    if the run had never stopped.
     """
     model.to(device)
     held = frozen_in(model, torch.bfloat16) if resolve_amp(config.amp, device) == "bf16" else contextlib.nullcontext()
     with held:
         return _train(model, train_images, train_labels, eval_images, eval_labels, optimizer, config, mean, std,
-                      device, seed, on_epoch_end)  # fmt: skip
+                      device, seed, on_epoch_end, resume, stop_after)  # fmt: skip
 
 
 def _train(
@@ -312,8 +331,18 @@ def _train(
     device: torch.device,
     seed: int,
     on_epoch_end: Callable[[EpochStats], None] | None,
+    resume: Resume | None = None,
+    stop_after: int | None = None,
 ) -> TrainResult:
     cfg = config
+    first = resume.epoch if resume is not None else 0
+    last = cfg.epochs if stop_after is None else stop_after
+    if not 0 <= first < last <= cfg.epochs:
+        raise ValueError(f"cannot train epochs {first + 1}..{last} of a {cfg.epochs}-epoch schedule")
+    method = getattr(model, "vpeft_method", None)  # the applied method's training hooks (vpeft.methods._base)
+    if (first or last < cfg.epochs) and method is not None and type(method).on_step is not Method.on_step:
+        raise ConfigError(f"{method.name} keeps per-step state outside its tensors (on_step), so its runs cannot "
+                          "stop at a rung and resume; tune it on the full grid")  # fmt: skip
     amp = resolve_amp(cfg.amp, device)
     model.to(device)
     if device.type == "cuda":
@@ -336,18 +365,22 @@ def _train(
     )
     params = [p for g in optimizer.param_groups for p in g["params"]]
     generator = torch.Generator().manual_seed(seed)
-    history: list[EpochStats] = []
-    best: tuple[float, int] | None = None
-    step = 0
+    history: list[EpochStats] = list(resume.history) if resume is not None else []
+    best: tuple[float, int] | None = resume.best if resume is not None else None
+    step = first * steps_per_epoch
+    for _ in range(first):  # the data orders of the epochs already trained, drawn again
+        torch.randperm(n, generator=generator)
+    if step:
+        scheduler.step_update(step)
     total_steps = cfg.epochs * steps_per_epoch
-    method = getattr(model, "vpeft_method", None)  # the applied method's training hooks (vpeft.methods._base)
     drawing, _ = noise.counter_based(model)  # dropout and drop path masks: f(seed, step, site, position)
     keys = step_keys([seed], total_steps, device) if drawing else None
     model.train()
-    bar = progress_bar(desc=f"training epoch 1/{cfg.epochs}", total=total_steps, unit="batch", enabled=cfg.progress)
+    bar = progress_bar(desc=f"training epoch {first + 1}/{cfg.epochs}", total=(last - first) * steps_per_epoch,
+                       unit="batch", enabled=cfg.progress)  # fmt: skip
     _sync(device)
     start = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    for epoch in range(first, last):
         bar.set_description(f"training epoch {epoch + 1}/{cfg.epochs}", refresh=False)
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -384,7 +417,7 @@ def _train(
             images_per_s=n / (time.perf_counter() - epoch_start),
             seconds=time.perf_counter() - epoch_start,
         )
-        if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+        if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < last:
             stats.eval_top1, _ = evaluate(model, eval_images, eval_labels, mean, std, device, cfg.eval_batch_size, amp)
             if best is None or stats.eval_top1 > best[0]:
                 best = (stats.eval_top1, epoch + 1)
@@ -402,7 +435,8 @@ def _train(
     )
     _sync(device)
     eval_seconds = time.perf_counter() - eval_start
-    return train_result(cfg, history, top1, eval_loss, best, train_seconds, eval_seconds, n, amp, device)
+    return train_result(cfg, history, top1, eval_loss, best, train_seconds, eval_seconds, n, amp, device,
+                        epochs=last - first)  # fmt: skip
 
 
 def train_result(
@@ -416,12 +450,15 @@ def train_result(
     n: int,
     amp: str,
     device: torch.device,
+    epochs: int | None = None,
 ) -> TrainResult:
-    """A run's result once its last evaluation is in: that top-1 on the last epoch and, with ``eval_every``, in
-    the best of the periodic ones (a flagged extra, never the reported number)."""
+    """A run's result once its last evaluation is in: that top-1 on the last epoch trained and, with
+    ``eval_every``, in the best of the periodic ones (a flagged extra, never the reported number).
+    ``epochs``: how many this call trained (all of the schedule unless it resumed or stopped at a rung)."""
     history[-1].eval_top1 = top1
+    end = history[-1].epoch
     if cfg.eval_every:
-        best = max(best or (top1, cfg.epochs), (top1, cfg.epochs))
+        best = max(best or (top1, end), (top1, end))
     peak, kind = peak_memory_mb(device)
     return TrainResult(
         train_loss=history[-1].train_loss,
@@ -430,7 +467,7 @@ def train_result(
         epochs=history,
         train_seconds=train_seconds,
         eval_seconds=eval_seconds,
-        train_images_per_s=cfg.epochs * n / train_seconds,
+        train_images_per_s=(cfg.epochs if epochs is None else epochs) * n / train_seconds,
         peak_mem_mb=peak,
         peak_mem_kind=kind,
         amp=amp,
