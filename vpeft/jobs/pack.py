@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from vpeft.engine import TrainConfig, train
+from vpeft.engine import TrainConfig
 from vpeft.engine.packed import PackError, check_packable, train_packed
 from vpeft.env import environment
 from vpeft.errors import VpeftError
 from vpeft.files import write_json_atomic
-from vpeft.jobs import runner
+from vpeft.jobs import rungs, runner
 from vpeft.jobs.runner import Context, InputError, Plan
 from vpeft.jobs.train import TrainJob
 from vpeft.methods import METHODS
@@ -190,6 +190,8 @@ def _train(live: list[Member], device: torch.device) -> dict[int, tuple[Any, int
     for m in live:
         method = m.run.model.vpeft_method
         try:
+            if m.plan.cfg.get("stop_after") is not None or rungs.state_path(m.plan.record_path).is_file():
+                raise PackError("a run that stops at or resumes from a halving rung trains alone")
             check_packable(method, m.run.model)
             r = m.plan.resolved
             shared_optim = {k: v for k, v in r["optim"].items() if k not in ("lr", "weight_decay")}
@@ -218,11 +220,8 @@ def _train(live: list[Member], device: torch.device) -> dict[int, tuple[Any, int
                 results.update({id(m): (e, len(group)) for m in group})
                 continue
         for m in group:
-            r = m.run
             try:
-                result = train(r.model, r.train_images, r.train_labels, r.eval_images, r.eval_labels, r.optimizer,
-                               TrainConfig(**m.plan.resolved["trainer"]), bb.mean, bb.std, device, seed=r.seed,
-                               on_epoch_end=r.on_epoch_end)  # fmt: skip
+                result = TrainJob().fit(m.plan, m.run, device, m.ctx)
             except Exception as e:  # a diverged loss, or any other error: this run's record says which
                 result = e
             results[id(m)] = (result, 1)

@@ -29,6 +29,7 @@ from vpeft.engine.loop import resolve_amp
 from vpeft.engine.packed import PackedRun
 from vpeft.env import resolve_device
 from vpeft.errors import ConfigError, VpeftError, check_value, shown
+from vpeft.jobs import rungs
 from vpeft.jobs.runner import Context, InputError, Job, Plan, hydra_overrides
 from vpeft.loggers import make_logger
 from vpeft.methods import METHODS
@@ -87,6 +88,9 @@ def _check_values(resolved: dict[str, Any]) -> None:
     for key in ("save_delta", "skip_finished"):
         check_value(key, resolved.get(key, True), "bool", example=True)
     check_value("jobs_per_gpu", resolved.get("jobs_per_gpu", 1), "integer", low=1, example=1)
+    epochs = (resolved.get("trainer") or {}).get("epochs")
+    if isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1:  # (TrainConfig checks epochs)
+        rungs.stop_epoch(resolved.get("stop_after"), epochs)
     device = resolved.get("device", "auto")
     if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ConfigError(f"device must be {DEVICES}, got {shown(device)}; set device=auto")
@@ -335,10 +339,14 @@ class TrainJob(Job):
         return f"its data changed since: digest {recorded[:12]} recorded, {current[:12]} now ({source})"
 
     def lacks(self, record: dict[str, Any], plan: Plan) -> str | None:
-        """A finished run trains again when its data changed since, or, with save_delta, when its delta file is
-        gone (or was never written)."""
+        """A finished run trains again when it stopped at a rung before the epoch asked for now (it continues),
+        when its data changed since, or, with save_delta, when its delta file is gone (or was never written)."""
         if record.get("status") != "ok":
             return None
+        stopped = (record.get("metrics") or {}).get("stopped_at_epoch")
+        target = plan.cfg.get("stop_after")
+        if stopped is not None and (target is None or int(target) > stopped):
+            return f"it stopped at epoch {stopped}, a rung, and goes on to epoch {target or 'the last'}"
         changed = self.data_changed(record, plan)
         if changed or not plan.cfg.save_delta:
             return changed
@@ -352,11 +360,27 @@ class TrainJob(Job):
     def execute(self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context) -> None:
         run = self.setup(plan, device, record, ctx)
         ctx.phase = "training"
-        bb = ctx.state["backbone"]
-        result = train(run.model, run.train_images, run.train_labels, run.eval_images, run.eval_labels, run.optimizer,
-                       TrainConfig(**plan.resolved["trainer"]), bb.mean, bb.std, device, seed=run.seed,
-                       on_epoch_end=run.on_epoch_end)  # fmt: skip
+        result = self.fit(plan, run, device, ctx)
         self.complete(plan, device, record, ctx, result)
+
+    def fit(self, plan: Plan, run: PackedRun, device: torch.device, ctx: Context) -> TrainResult:
+        """Train the run alone: to its ``stop_after`` rung if one is set (its state saved beside the record for the
+        next rung), from the last rung's state where one was saved."""
+        bb = ctx.state["backbone"]
+        trainer = TrainConfig(**plan.resolved["trainer"])
+        stop = rungs.stop_epoch(plan.cfg.get("stop_after"), trainer.epochs)
+        resume = rungs.restore(
+            rungs.state_path(plan.record_path), run.model, run.optimizer, plan.identity["config_hash"], stop
+        )
+        result = train(run.model, run.train_images, run.train_labels, run.eval_images, run.eval_labels, run.optimizer,
+                       trainer, bb.mean, bb.std, device, seed=run.seed, on_epoch_end=run.on_epoch_end, resume=resume,
+                       stop_after=stop)  # fmt: skip
+        if stop is not None:
+            rungs.save(
+                rungs.state_path(plan.record_path), run.model, run.optimizer, plan.identity["config_hash"], result
+            )
+            ctx.state["stopped_at_epoch"] = stop
+        return result
 
     def setup(self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context) -> PackedRun:
         """Data, backbone, head, method and optimizer, as the run trains them (alone or in a pack)."""
@@ -415,6 +439,7 @@ class TrainJob(Job):
             "eval_split": task.eval.name,
             "train_split": task.train.name,
             "epochs": len(result.epochs),
+            "stopped_at_epoch": ctx.state.get("stopped_at_epoch"),  # a halving rung, before the schedule's end
             "best_epoch_top1": result.best_epoch_top1,  # selection on the evaluated split: never ranks
             "best_epoch": result.best_epoch,
             "history": [
@@ -452,6 +477,8 @@ class TrainJob(Job):
 
     def after(self, ctx: Context, record: dict[str, Any], ok: bool) -> None:
         logger = ctx.state.get("logger")
+        if ok and record["metrics"].get("stopped_at_epoch") is None:  # the whole schedule is on record
+            rungs.drop(rungs.state_path(ctx.state["record_path"]))
         if ok:
             if logger is not None:
                 logger.log_record(record)

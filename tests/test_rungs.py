@@ -1,0 +1,80 @@
+"""A run stopped at a halving rung and continued by a later command, through run.py (real processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vpeft.results import iter_records
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run(tmp: Path, results: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "run.py"), "backbone=vit_tiny_random", "dataset=digits", "protocol=tune",
+           "trainer.epochs=4", "trainer.warmup_epochs=1", "trainer.eval_every=1", "bench.latency=false",
+           "bench.flops=false", f"paths.results={tmp / results}", f"paths.cache={tmp / 'cache'}", *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def only_record(folder: Path) -> tuple[Path, dict]:
+    [(path, record)] = list(iter_records(folder))
+    return path, record
+
+
+@pytest.mark.slow
+def test_a_run_stopped_at_a_rung_continues_to_the_end_as_if_it_never_stopped(tmp_path):
+    done = run(tmp_path, "straight")
+    assert done.returncode == 0, done.stderr[-3000:]
+    _, straight = only_record(tmp_path / "straight")
+
+    done = run(tmp_path, "halved", "stop_after=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    path, rung = only_record(tmp_path / "halved")
+    assert rung["status"] == "ok" and rung["metrics"]["stopped_at_epoch"] == 2 and rung["metrics"]["epochs"] == 2
+    assert rung["config_hash"] == straight["config_hash"]  # a rung is the same run, not another one
+    assert rung["metrics"]["top1"] == straight["metrics"]["history"][1]["eval_top1"]
+    state = path.with_suffix(".rung.pt")
+    assert state.is_file()
+
+    again = run(tmp_path, "halved", "stop_after=2")  # the same rung again: nothing to do
+    assert again.returncode == 0 and "skipped (finished)" in again.stdout, again.stdout[-2000:]
+
+    done = run(tmp_path, "halved")  # the rest of the schedule, from the rung's state
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "it stopped at epoch 2, a rung, and goes on to epoch the last" in done.stdout
+    assert "resuming from" in done.stdout + done.stderr and "training epoch 3/4" in done.stderr
+    _, whole = only_record(tmp_path / "halved")
+    assert whole["metrics"]["stopped_at_epoch"] is None and whole["metrics"]["epochs"] == 4
+    assert whole["metrics"]["top1"] == straight["metrics"]["top1"]
+    for a, b in zip(whole["metrics"]["history"], straight["metrics"]["history"], strict=True):
+        assert (a["epoch"], a["train_loss"], a["lr"], a["eval_top1"]) == (b["epoch"], b["train_loss"], b["lr"],
+                                                                          b["eval_top1"])  # fmt: skip
+    assert not state.exists()  # the whole schedule is on record: the rung's state is dropped
+
+
+@pytest.mark.slow
+def test_a_broken_rung_state_retrains_from_the_start(tmp_path):
+    done = run(tmp_path, "runs", "stop_after=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    path, _ = only_record(tmp_path / "runs")
+    path.with_suffix(".rung.pt").write_bytes(b"not a state")
+    done = run(tmp_path, "runs", "stop_after=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the run trains from the start" in done.stdout + done.stderr
+    _, record = only_record(tmp_path / "runs")
+    assert record["metrics"]["stopped_at_epoch"] == 3
+    assert [h["epoch"] for h in record["metrics"]["history"]] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("value", ["0", "5", "1.5", "true"])
+def test_a_stop_outside_the_schedule_is_bad_input(tmp_path, value):
+    done = run(tmp_path, "runs", f"stop_after={value}")
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "stop_after must be an epoch of the schedule, 1..4 (trainer.epochs), or null" in done.stderr
+    assert not (tmp_path / "runs").exists() or not list(iter_records(tmp_path / "runs"))
