@@ -140,6 +140,7 @@ def test_select_hparams_picks_best_mean_and_ignores_the_rest():
         _record("a", 1e-5, 99.0, method="ssf"),  # another method
         _record("b", 1e-3, 40.0),
         _record("b", 1e-2, 40.0),  # a tie: the first grid point in order wins
+        {**_record("b", 1e-1, 90.0), "metrics": {"top1": 90.0, "stopped_at_epoch": 25}},  # halving stopped it
     ]
     chosen = select_hparams(records, ["optim.lr"], method="lora")
     assert chosen["a"]["values"] == {"optim.lr": 1e-2} and chosen["a"]["val_top1"] == 65.0

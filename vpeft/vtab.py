@@ -189,7 +189,8 @@ def select_hparams(
     backbone: str | None = None,
     settings: Callable[[dict], dict] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per dataset, the values of ``keys`` whose ok tune runs have the best mean top-1 (seeds averaged).
+    """Per dataset, the values of ``keys`` whose ok tune runs have the best mean top-1 (seeds averaged); runs that
+    successive halving stopped at a rung (``metrics.stopped_at_epoch``) are out of the running.
 
     Every grid point must stand for one setting: tune runs of a (method, task) whose configs differ in more than
     ``keys`` and the seed (``settings(record)``: what in a record decides its result; by default its whole
@@ -202,6 +203,8 @@ def select_hparams(
         if r["protocol"] != "tune" or r["status"] != "ok":
             continue
         if (method and r["method"] != method) or (backbone and r["backbone"] != backbone):
+            continue
+        if r["metrics"].get("stopped_at_epoch") is not None:  # stopped at a halving rung: halving ruled it out
             continue
         top1 = r["metrics"]["top1"]
         if top1 is None or not math.isfinite(top1):
