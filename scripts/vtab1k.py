@@ -29,15 +29,61 @@ sys.path.insert(0, str(ROOT))
 
 import vpeft.config  # noqa: E402,F401  (resolvers)
 from vpeft.errors import ConfigError  # noqa: E402
+from vpeft.halving import Halving, advance  # noqa: E402
+from vpeft.jobs import rungs as rungs_mod  # noqa: E402
 from vpeft.results import iter_records  # noqa: E402
 from vpeft.results.record import backbone_id, hashed_config  # noqa: E402
-from vpeft.vtab import TASKS, get_path, is_tunable, select_hparams, tunable_keys, write_hparams  # noqa: E402
+from vpeft.vtab import TASKS, _order_key, get_path, is_tunable, select_hparams, tunable_keys, write_hparams  # noqa: E402
 
 STAGES = ("tune", "select", "final")
 
 
 def _value(v) -> str:
     return "null" if v is None else str(v)
+
+
+def tune_by_halving(halving, launch, tune, keys, results, file, args, cfg, recipe, backbone) -> int:
+    """The tune stage as successive halving: one sweep of the grid per rung, each stopping its runs at the rung
+    (``stop_after``; a run that went on continues from its last rung), the points halving stopped listed in
+    ``file`` (``halving=``: their runs stay at their rung); after each rung but the last the best
+    ``max(1, n // eta)`` of each task's points go on."""
+    stopped = rungs_mod.read_stopped(file, keys, eta=halving.eta, rungs=list(halving.rungs))  # a rerun's decisions
+    tasks = args.tasks.split(",")
+    epochs = int(cfg.trainer.epochs)
+    for i, rung in enumerate(halving.rungs):
+        if not args.dry_run:
+            rungs_mod.write_stopped(file, keys, stopped, eta=halving.eta, rungs=list(halving.rungs))
+        stop = [f"stop_after={rung}"] if rung < epochs else []
+        print(f"halving: rung {i + 1}/{len(halving.rungs)}, epoch {rung} of {epochs}", flush=True)
+        code = launch([*tune, f"halving={file}", *stop])
+        if code != 0 or i == len(halving.rungs) - 1 or args.dry_run:
+            if args.dry_run and i < len(halving.rungs) - 1:
+                continue
+            return code
+        for task in tasks:
+            out = {_order_key((e["values"],)) for e in stopped.get(task, [])}
+            scores: dict[tuple, float | None] = {}
+            for _, r in iter_records(results):
+                if (r.get("protocol"), r.get("dataset"), r.get("method"), r.get("backbone")) != (
+                    "tune",
+                    task,
+                    cfg.method.name,
+                    backbone,
+                ) or get_path(r.get("config") or {}, "recipe") != recipe:
+                    continue  # fmt: skip
+                point = tuple(get_path(r["config"], k) for k in keys)
+                ok = r.get("status") == "ok"
+                if _order_key((dict(zip(keys, point)),)) in out or (
+                    ok and r["metrics"].get("stopped_at_epoch") != rung
+                ):
+                    continue  # stopped before, or still to reach this rung
+                scores[point] = r["metrics"].get("top1") if r.get("status") == "ok" else None
+            live = sorted(scores, key=_order_key)
+            going = advance(halving, i, live, scores)
+            stopped.setdefault(task, []).extend({"values": dict(zip(keys, p)), "epoch": rung} for p in live
+                                                if p not in going)  # fmt: skip
+            print(f"  {task}: {len(going)} of {len(live)} points go on past epoch {rung}", flush=True)
+    return 0
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -63,6 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--pack", type=int, default=1, metavar="K", help="train up to K runs of a sweep together (run.py's pack=K)"
+    )
+    parser.add_argument(
+        "--tune",
+        choices=("grid", "halving"),
+        default="grid",
+        help="the tune stage: the full grid (default), or successive halving over it",
+    )
+    parser.add_argument("--eta", type=int, default=2, help="halving: the best 1/eta of the points go on at a rung")
+    parser.add_argument(
+        "--rungs", default=None, help="halving: rungs in epochs, the last the schedule's end (default: 1/4, 1/2, all)"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args, overrides = parser.parse_known_args(argv)
@@ -101,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     if fixed:
         parser.error(f"--grid {fixed[0]}: a tune grid varies only {tunable_keys()} (hyperparameters, not what names "
                      "a run: seeds are --seeds, the rest a run.py override)")  # fmt: skip
+    halving = None
+    if args.tune == "halving":
+        try:
+            rungs = [int(r) for r in args.rungs.split(",")] if args.rungs else None
+            halving = Halving.for_schedule(int(cfg.trainer.epochs), eta=args.eta, rungs=rungs)
+        except ValueError as e:
+            parser.error(f"--rungs / --eta: {e}")
     seeds = args.seeds or ",".join(str(s) for s in cfg.sweep.seeds)
     results = Path(cfg.paths.results)
     backbone = backbone_id(OmegaConf.to_container(cfg.backbone, resolve=True))
@@ -121,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     for stage in args.stage:
         if stage == "tune":
             sweep = [f"{k}={','.join(_value(v) for v in values)}" for k, values in grid.items()]
-            code = launch(["protocol=tune", "seed=0", *sweep])
+            if halving is not None:
+                code = tune_by_halving(halving, launch, ["protocol=tune", "seed=0", *sweep], list(grid), results,
+                                       hparams.with_suffix(".halving.json"), args, cfg, recipe, backbone)  # fmt: skip
+            else:
+                code = launch(["protocol=tune", "seed=0", *sweep])
             if code != 0:
                 return code  # 2: some runs had bad input (the sweep's summary names the fix), 1: some failed
         elif stage == "select":

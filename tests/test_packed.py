@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY, make_vit
+from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
 import vpeft
@@ -347,7 +348,8 @@ def test_a_pack_group_that_fails_takes_no_other_group_down():
             run.train_images = run.train_images[:, :2]  # two channels: the patch embedding refuses them
         resolved = {"trainer": trainer, "method": {"name": method, **options}, "optim": {"lr": 1e-2},
                     "backbone": {"name": "t"}}  # fmt: skip
-        plan = SimpleNamespace(resolved=resolved, record_path=Path(f"/nowhere/{num}.json"))
+        plan = SimpleNamespace(resolved=resolved, record_path=Path(f"/nowhere/{num}.json"), cfg=OmegaConf.create({}),
+                               identity={"config_hash": f"h{num}"})  # fmt: skip
         ctx = Context(state={"backbone": SimpleNamespace(mean=MEAN, std=STD)})
         members.append(Member(num=num, overrides=[], cfg=None, plan=plan, ctx=ctx, run=run))
     results = _train(members, DEVICE)

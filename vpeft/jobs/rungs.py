@@ -11,6 +11,7 @@ to the rung asked for, which costs time and loses nothing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ import torch
 
 from vpeft.engine import EpochStats, Resume, TrainResult
 from vpeft.errors import ConfigError
-from vpeft.files import atomic_path
+from vpeft.files import atomic_path, write_json_atomic
+from vpeft.vtab import get_path
 
 log = logging.getLogger("vpeft")
 
@@ -84,6 +86,42 @@ def restore(
             p.copy_(tensors[n])
     log.info("resuming from %s after epoch %d", path, epoch)
     return Resume(epoch=epoch, history=history, best=best)  # type: ignore[arg-type]
+
+
+HALVING_KIND = "vpeft.halving/1"
+
+
+def write_stopped(path: Path, keys: list[str], stopped: dict[str, list[dict[str, Any]]], **about: Any) -> None:
+    """The halving file of a tune stage: per task, the grid points stopped so far and the rung each stopped at."""
+    write_json_atomic(path, {"kind": HALVING_KIND, "keys": keys, **about, "stopped": stopped})
+
+
+def read_stopped(path: Path, keys: list[str], **about: Any) -> dict[str, list[dict[str, Any]]]:
+    """The points an earlier run of the same halving (same grid keys, eta and rungs) stopped; {} if none."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    same = data.get("kind") == HALVING_KIND and data.get("keys") == keys
+    if not same or any(data.get(k) != v for k, v in about.items()):
+        return {}
+    return data.get("stopped", {})
+
+
+def stopped_at(path: str | Path, task: str, resolved: dict[str, Any]) -> int | None:
+    """The rung at which the halving file says this run's grid point stopped (None: it goes on); ConfigError
+    naming the file when it cannot be read."""
+    try:
+        data = json.loads(Path(path).read_text())
+        if data.get("kind") != HALVING_KIND:
+            raise ValueError(f"not a halving file (kind {data.get('kind')!r})")
+        point = {k: get_path(resolved, k) for k in data["keys"]}
+        for entry in data["stopped"].get(task, []):
+            if entry["values"] == point:
+                return int(entry["epoch"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"halving={path}: {e}; the tune stage writes it (scripts/vtab1k.py --tune halving)") from None
+    return None
 
 
 def drop(path: Path) -> None:

@@ -284,7 +284,11 @@ def plan_run(cfg: DictConfig) -> Plan:
         overrides=overrides,
         identity=ident,
         record_path=path,
-        extra={"method_config": method.config_dict()},
+        extra={
+            "method_config": method.config_dict(),
+            # the rung successive halving stopped this grid point at (scripts/vtab1k.py --tune halving), or None
+            "halted": rungs.stopped_at(cfg.halving, dataset, resolved) if cfg.get("halving") else None,
+        },
     )
 
 
@@ -345,6 +349,8 @@ class TrainJob(Job):
             return None
         stopped = (record.get("metrics") or {}).get("stopped_at_epoch")
         target = plan.cfg.get("stop_after")
+        if stopped is not None and plan.extra.get("halted") is not None:  # halving stopped it there: finished
+            return None
         if stopped is not None and (target is None or int(target) > stopped):
             return f"it stopped at epoch {stopped}, a rung, and goes on to epoch {target or 'the last'}"
         changed = self.data_changed(record, plan)
