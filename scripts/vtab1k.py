@@ -42,6 +42,28 @@ def _value(v) -> str:
     return "null" if v is None else str(v)
 
 
+def _tune_record(r: dict, task: str, method: str, backbone: str, recipe: str | None, epochs: int) -> bool:
+    """A tune run of this method, task, backbone, recipe and schedule (whose epochs the rungs are)."""
+    config = r.get("config") or {}
+    run = (r.get("protocol"), r.get("dataset"), r.get("method"), r.get("backbone"))
+    setting = (get_path(config, "recipe"), get_path(config, "trainer.epochs"))
+    return run == ("tune", task, method, backbone) and setting == (recipe, epochs)
+
+
+def rung_scores(records, keys: list[str], rung: int, out: set) -> dict[tuple, float | None]:
+    """Each grid point's val200 top-1 at epoch ``rung`` (its history's evaluation there, whether it stopped at the
+    rung or went on past it), None for a point that failed or has no evaluation there; points in ``out`` (stopped
+    at an earlier rung) are left out. From the records alone, so a lost halving file is rebuilt the same."""
+    scores: dict[tuple, float | None] = {}
+    for r in records:
+        point = tuple(get_path(r["config"], k) for k in keys)
+        if _order_key((dict(zip(keys, point)),)) in out:
+            continue
+        at = [h.get("eval_top1") for h in (r.get("metrics") or {}).get("history") or [] if h.get("epoch") == rung]
+        scores[point] = at[0] if r.get("status") == "ok" and at else None
+    return scores
+
+
 def tune_by_halving(halving, launch, tune, keys, results, file, args, cfg, recipe, backbone) -> int:
     """The tune stage as successive halving: one sweep of the grid per rung, each stopping its runs at the rung
     (``stop_after``; a run that went on continues from its last rung), the points halving stopped listed in
@@ -62,22 +84,10 @@ def tune_by_halving(halving, launch, tune, keys, results, file, args, cfg, recip
             return code
         for task in tasks:
             out = {_order_key((e["values"],)) for e in stopped.get(task, [])}
-            scores: dict[tuple, float | None] = {}
-            for _, r in iter_records(results):
-                if (r.get("protocol"), r.get("dataset"), r.get("method"), r.get("backbone")) != (
-                    "tune",
-                    task,
-                    cfg.method.name,
-                    backbone,
-                ) or get_path(r.get("config") or {}, "recipe") != recipe:
-                    continue  # fmt: skip
-                point = tuple(get_path(r["config"], k) for k in keys)
-                ok = r.get("status") == "ok"
-                if _order_key((dict(zip(keys, point)),)) in out or (
-                    ok and r["metrics"].get("stopped_at_epoch") != rung
-                ):
-                    continue  # stopped before, or still to reach this rung
-                scores[point] = r["metrics"].get("top1") if r.get("status") == "ok" else None
+            tuned = (
+                r for _, r in iter_records(results) if _tune_record(r, task, cfg.method.name, backbone, recipe, epochs)
+            )
+            scores = rung_scores(tuned, keys, rung, out)
             live = sorted(scores, key=_order_key)
             going = advance(halving, i, live, scores)
             stopped.setdefault(task, []).extend({"values": dict(zip(keys, p)), "epoch": rung} for p in live

@@ -9,7 +9,8 @@ import sys
 import pytest
 from test_sweep import ROOT, multirun
 
-from vpeft.results import iter_records
+from vpeft.results import iter_records, load_records
+from vpeft.results.leaderboard import build_leaderboard
 
 GRID = ["--grid", "optim.lr=1e-3,3e-3,1e-2,3e-2", "trainer.epochs=4"]
 
@@ -43,6 +44,38 @@ def test_halving_trains_each_point_only_as_far_as_it_survives(tmp_path):
     again = multirun(tmp_path, "linear", "--experiment", "smoke", "--tasks", "digits", "--tune", "halving",
                      "--stage", "tune", *GRID, script="scripts/vtab1k.py", from_tmp=True)  # fmt: skip
     assert "| record:" not in again.stdout and again.stdout.count("skipped (finished)") == 12  # it trains nothing
+
+    # a lost or broken halving file is rebuilt from the records (each point's evaluation at each rung): the same
+    # decisions, nothing trained again
+    file = tmp_path / "hparams" / "vit_tiny_patch16_224+random" / "linear.halving.json"
+    file.write_text('{"kind": "vpeft.halving/1", "stopped": ')
+    again = multirun(tmp_path, "linear", "--experiment", "smoke", "--tasks", "digits", "--tune", "halving",
+                     "--stage", "tune", *GRID, script="scripts/vtab1k.py", from_tmp=True)  # fmt: skip
+    assert "| record:" not in again.stdout and again.stdout.count("skipped (finished)") == 12
+    assert json.loads(file.read_text()) == halving
+
+    # the choice is labelled: in the hyperparameter file, the final run's config and the leaderboard's recipe table
+    assert hparams["tasks"]["digits"]["tuned_by"] == "halving"
+    assert hparams["tasks"]["digits"]["stopped_at_rungs"] == {"1": 2, "2": 1}
+    multirun(tmp_path, "linear", "--experiment", "smoke", "--tasks", "digits", "--stage", "final", "--seeds", "0",
+             "trainer.epochs=4", script="scripts/vtab1k.py", from_tmp=True)  # fmt: skip
+    [final] = [r for _, r in iter_records(tmp_path / "runs") if r["protocol"] == "final"]
+    assert final["status"] == "ok" and final["config"]["tuned_by"] == "halving"
+    assert final["config"]["optim"]["lr"] == finisher
+    rows = build_leaderboard(load_records(tmp_path / "runs")).rows
+    assert rows["tuned_by"].tolist() == ["halving"]
+
+
+def test_a_broken_halving_file_given_to_a_run_is_bad_input(tmp_path):
+    broken = tmp_path / "linear.halving.json"
+    broken.write_text("not json")
+    cmd = [sys.executable, str(ROOT / "run.py"), "backbone=vit_tiny_random", "dataset=digits", "protocol=tune",
+           "trainer.epochs=2", "bench.latency=false", f"halving={broken}", "stop_after=1",
+           f"paths.results={tmp_path / 'runs'}"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"halving={broken}: Expecting value" in done.stderr and "scripts/vtab1k.py --tune halving" in done.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize(("args", "message"), [

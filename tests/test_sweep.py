@@ -146,6 +146,8 @@ def test_select_hparams_picks_best_mean_and_ignores_the_rest():
     assert chosen["a"]["values"] == {"optim.lr": 1e-2} and chosen["a"]["val_top1"] == 65.0
     assert chosen["a"]["n_candidates"] == 2
     assert chosen["b"]["values"] == {"optim.lr": 1e-3}
+    assert chosen["a"]["tuned_by"] == "grid" and "stopped_at_rungs" not in chosen["a"]  # the choice says how
+    assert chosen["b"]["tuned_by"] == "halving" and chosen["b"]["stopped_at_rungs"] == {"25": 1}
 
 
 def test_records_are_written_readable_by_others(tmp_path):

@@ -182,6 +182,9 @@ def _mixed_settings(method: str, task: str, groups: dict[str, tuple[dict[str, An
     )
 
 
+TUNED_BY = ("grid", "halving")  # how a tune stage chose: every point to the end, or successive halving
+
+
 def select_hparams(
     records: Iterable[dict[str, Any]],
     keys: Sequence[str],
@@ -190,7 +193,8 @@ def select_hparams(
     settings: Callable[[dict], dict] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per dataset, the values of ``keys`` whose ok tune runs have the best mean top-1 (seeds averaged); runs that
-    successive halving stopped at a rung (``metrics.stopped_at_epoch``) are out of the running.
+    successive halving stopped at a rung (``metrics.stopped_at_epoch``) are out of the running, and the choice says
+    so (``tuned_by``: ``halving``, with how many points stopped at each rung, else ``grid``).
 
     Every grid point must stand for one setting: tune runs of a (method, task) whose configs differ in more than
     ``keys`` and the seed (``settings(record)``: what in a record decides its result; by default its whole
@@ -199,12 +203,14 @@ def select_hparams(
     settings = settings or (lambda record: record["config"])
     scores: dict[str, dict[tuple, list[float]]] = defaultdict(lambda: defaultdict(list))
     groups: dict[str, dict[str, tuple[dict[str, Any], int]]] = defaultdict(dict)
+    halted: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))  # task -> rung epoch -> points stopped
     for r in records:
         if r["protocol"] != "tune" or r["status"] != "ok":
             continue
         if (method and r["method"] != method) or (backbone and r["backbone"] != backbone):
             continue
         if r["metrics"].get("stopped_at_epoch") is not None:  # stopped at a halving rung: halving ruled it out
+            halted[r["dataset"]][str(r["metrics"]["stopped_at_epoch"])] += 1
             continue
         top1 = r["metrics"]["top1"]
         if top1 is None or not math.isfinite(top1):
@@ -227,6 +233,13 @@ def select_hparams(
             "val_top1": sum(best_scores) / len(best_scores),
             "n_runs": len(best_scores),
             "n_candidates": len(candidates),
+            # how the choice was made: every point through the whole schedule, or some stopped at halving rungs
+            "tuned_by": "halving" if halted[task] else "grid",
+            **(
+                {"stopped_at_rungs": dict(sorted(halted[task].items(), key=lambda kv: int(kv[0])))}
+                if halted[task]
+                else {}
+            ),
         }
     return chosen
 
@@ -276,11 +289,17 @@ def read_hparams(path: str | Path) -> dict[str, Any]:
 
 
 def hparams_for(path: str | Path, dataset: str, method: str) -> dict[str, Any]:
-    """The chosen values for ``dataset`` from a hyperparameter file, checked against the method."""
+    """The choice for ``dataset`` from a hyperparameter file, checked against the method: its ``values`` and
+    ``tuned_by`` (``grid`` or ``halving``; files from before halving existed were tuned on the grid)."""
     data = read_hparams(path)
     if data["method"] != method:
         raise ConfigError(f"{path} holds hyperparameters of {data['method']}, not {method}")
     if dataset not in data["tasks"]:
         known = ", ".join(sorted(data["tasks"])) or "none"
         raise ConfigError(f"{path} has no tuned hyperparameters for {dataset} (it has: {known}); tune that task first")
-    return data["tasks"][dataset]["values"]
+    chosen = data["tasks"][dataset]
+    tuned_by = chosen.get("tuned_by", "grid")
+    if tuned_by not in TUNED_BY:
+        raise ConfigError(f"hyperparameter file {path}: tuned_by for {dataset} is {tuned_by!r}, not one of "
+                          f"{', '.join(TUNED_BY)}; run the select stage again")  # fmt: skip
+    return {"values": chosen["values"], "tuned_by": tuned_by}

@@ -49,13 +49,19 @@ log = logging.getLogger("vpeft")
 
 
 def apply_hparams(cfg: DictConfig) -> None:
-    """With ``hparams=FILE``, set the values chosen for this (method, dataset) by the tune stage."""
+    """With ``hparams=FILE``, set the values chosen for this (method, dataset) by the tune stage, and ``tuned_by``
+    to how they were chosen (grid or halving: the record's config says which)."""
     path = cfg.get("hparams")
     if not path:
+        if cfg.get("tuned_by") is not None:
+            raise ConfigError(f"tuned_by={cfg.tuned_by} without hparams=FILE: tuned_by is set from the hyperparameter "
+                              "file a run reads; drop it")  # fmt: skip
         return
     ds = OmegaConf.to_container(cfg.dataset, resolve=True)
-    for key, value in hparams_for(path, dataset_id(ds), cfg.method.name).items():
+    chosen = hparams_for(path, dataset_id(ds), cfg.method.name)
+    for key, value in chosen["values"].items():
         OmegaConf.update(cfg, key, value, merge=False)
+    OmegaConf.update(cfg, "tuned_by", chosen["tuned_by"], merge=False)
 
 
 def _trainer_config(trainer: dict[str, Any]) -> TrainConfig:

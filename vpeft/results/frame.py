@@ -58,6 +58,7 @@ RUN_COLUMNS: dict[str, str] = {
     "error": "string",
     "dataset": "string",
     "dataset_label": "string",
+    "tuned_by": "string",
     "data_source": "string",
     "protocol": "string",
     "seed": "Int64",
@@ -231,6 +232,13 @@ def _run_img_size(record: dict[str, Any]) -> int | None:
     return int(side) if isinstance(side, int) else None
 
 
+def _tuned_by(record: dict[str, Any]) -> str | None:
+    """How a run's hyperparameters were chosen: its config's ``tuned_by`` (set from ``hparams=FILE``); a run that
+    read a file from before halving existed was tuned on the grid; None for values given directly."""
+    config = record.get("config") or {}
+    return config.get("tuned_by") or ("grid" if config.get("hparams") else None)
+
+
 def _run_dtype(record: dict[str, Any]) -> str | None:
     """The training precision: the amp the run resolved, else its config (``auto``: bf16 on CUDA, fp32 on CPU)."""
     amp = (record.get("cost") or {}).get("amp")
@@ -276,6 +284,7 @@ def records_frame(records: Sequence[dict[str, Any]], paths: Sequence[str | Path]
         "variant": variant_labels(labelled, ["dataset"], ranked),
         "img_size": [_run_img_size(r) for r in records],
         "dtype": [_run_dtype(r) for r in records],
+        "tuned_by": [_tuned_by(r) for r in records],
         "settings": [_settings(r) for r in records],
         "method_config_key": [_key(r["method_config"]) for r in records],
     }

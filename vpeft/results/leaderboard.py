@@ -317,6 +317,7 @@ def _rows(ranked: pd.DataFrame, cells: pd.DataFrame, bench: pd.DataFrame, bench_
             optimizer=("config.optim._target_", lambda s: _uniq(s, lambda v: str(v).rsplit(".", 1)[-1])),
             lr=("config.optim.lr", lambda s: _uniq(s, _g)),
             weight_decay=("config.optim.weight_decay", lambda s: _uniq(s, _g)),
+            tuned_by=("tuned_by", _uniq),
             devices=("env.device_name", _uniq),
             commits=("env.git_sha", lambda s: _uniq(s, lambda v: str(v)[:10])),
             dirty=("env.git_dirty", lambda s: bool(s.fillna(False).any())),

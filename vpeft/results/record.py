@@ -23,6 +23,7 @@ PROTOCOLS = ("tune", "final")
 NOT_HASHED = (
     "paths", "logger", "bench", "save_delta", "skip_finished", "device", "hparams", "sweep", "jobs_per_gpu", "job",
     "merge", "probe", "sequential", "pack", "pack_job", "stop_after", "halving",
+    "tuned_by",
 )  # fmt: skip
 NOT_HASHED_TRAINER = ("progress", "data_on_device", "eval_batch_size", "compile_mode")  # how, not what, it computes
 # The compute every record was made on before records named theirs: a record without ``compute`` was made on it,

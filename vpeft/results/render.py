@@ -327,6 +327,7 @@ def provenance_table(lb: Leaderboard, backbone: str) -> Table:
             "optimizer": r["optimizer"] or EMPTY,
             "lr": r["lr"] or EMPTY,
             "weight decay": r["weight_decay"] or EMPTY,
+            "tuned by": r["tuned_by"] or EMPTY,
             "method config": _config_text(r["method_config_key"]),
             "device": r["devices"],
             "commit": (r["commits"] or "unknown") + (" (uncommitted changes)" if r["dirty"] else ""),
@@ -335,7 +336,12 @@ def provenance_table(lb: Leaderboard, backbone: str) -> Table:
         }
         for _, r in rows.iterrows()
     ]
-    note = "lr and weight decay: the values the final runs used (chosen by the tune stage where hparams= was given)."
+    note = (
+        "lr and weight decay: the values the final runs used (chosen by the tune stage where hparams= was given). "
+        "tuned by: grid = every grid point trained the whole schedule; halving = successive halving stopped some "
+        "points at a rung (scripts/vtab1k.py --tune halving; the hyperparameter file counts them); "
+        f"{EMPTY} = values given directly."
+    )
     return _table(f"provenance-{slug(backbone)}", f"Recipe and provenance: {backbone}", cells, [note])
 
 
