@@ -13,7 +13,8 @@ gives all of them the same guarantees:
   while a record is written (or waits for its lock) waits until the record is on disk;
 - a records folder that cannot be written is bad input, found before the job starts; a write that
   fails at the end (a full disk) prints what was measured and the record, and exits 1;
-- records are strict JSON, written atomically, one lock per record; the environment is captured once.
+- records are strict JSON, written atomically, one lock per record; the environment is captured once;
+- a run is claimed while it runs: a second process of the same run (another sweep over it) waits, then skips it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,7 +39,7 @@ from omegaconf import DictConfig
 from vpeft.env import claim_gpu, environment, resolve_device
 from vpeft.errors import RunFailed, VpeftError
 from vpeft.files import check_writable, non_finite, null_non_finite, write_json_atomic
-from vpeft.results import validate, write_record_guarded
+from vpeft.results import run_claim, validate, write_record_guarded
 from vpeft.results.store import load_json_object
 
 log = logging.getLogger("vpeft")
@@ -240,6 +241,12 @@ def _run(job: Job, cfg: DictConfig) -> dict[str, Any] | None:
         _input_failure(e, multirun)
         _write_status(None, False, plan, bad_input=str(e))
         return None
+    with run_claim(plan.record_path) if job.skippable and plan.record_path else nullcontext():
+        return _claimed(job, cfg, plan, device, multirun, started)
+
+
+def _claimed(job: Job, cfg: DictConfig, plan: Plan, device: torch.device, multirun: bool, started: str):
+    """The rest of ``_run``, under the run's claim (a concurrent process of the same run waits for it)."""
     if job.skippable and cfg.get("skip_finished", True) and plan.record_path and plan.record_path.exists():
         try:
             previous = job.read(plan.record_path)

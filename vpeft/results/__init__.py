@@ -5,6 +5,7 @@ from vpeft.results.record import SCHEMA_VERSION, RecordError, config_hash, recor
 from vpeft.results.store import (
     iter_records,
     read_record,
+    run_claim,
     write_json_atomic,
     write_record,
     write_record_guarded,
@@ -20,6 +21,7 @@ __all__ = [
     "load_records",
     "read_record",
     "record_path",
+    "run_claim",
     "validate",
     "write_json_atomic",
     "write_record",

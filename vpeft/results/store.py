@@ -10,7 +10,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,9 @@ from vpeft.results.record import LEGACY_COMPUTE, RecordError, validate
 log = logging.getLogger("vpeft")
 
 __all__ = [  # the atomic writers live in vpeft.files; records are written with them
-    "STALE_TMP_SECONDS", "atomic_path", "iter_json", "iter_records", "load_json_object", "lock_path", "read_record",
-    "record_lock", "remove_stale_temps", "write_json_atomic", "write_record", "write_record_guarded",
-    "write_text_atomic",
+    "STALE_TMP_SECONDS", "atomic_path", "claim_path", "iter_json", "iter_records", "load_json_object", "lock_path",
+    "read_record", "record_lock", "remove_stale_temps", "run_claim", "write_json_atomic", "write_record",
+    "write_record_guarded", "write_text_atomic",
 ]  # fmt: skip
 
 
@@ -38,9 +38,8 @@ def lock_path(path: str | Path) -> Path:
 
 
 @contextmanager
-def record_lock(path: str | Path) -> Iterator[None]:
-    """An exclusive lock per record path, across processes (flock; released by the kernel if the holder dies)."""
-    lock = lock_path(path)
+def _flock(lock: Path, waiting: str) -> Iterator[None]:
+    """An exclusive flock on ``lock`` (released by the kernel if the holder dies), saying ``waiting`` if it must."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -49,11 +48,39 @@ def record_lock(path: str | Path) -> Iterator[None]:
         except OSError as e:
             if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
                 raise
-            log.info("waiting for the lock of %s: another process is writing it", path)
+            log.info("%s", waiting)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextmanager
+def record_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock per record path, across processes, held while the record is read and written."""
+    with _flock(lock_path(path), f"waiting for the lock of {path}: another process is writing it"):
+        yield
+
+
+def claim_path(path: str | Path) -> Path:
+    """The sibling claim file of a run's record (hidden, kept): held while the run is run."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.claim")
+
+
+@contextmanager
+def run_claim(path: str | Path) -> Iterator[None]:
+    """Held from the check for a finished record to the record written: a second process of the same run (two
+    sweeps over one grid, two halving stages, a requeued array task) waits here, then finds the record and skips
+    the run, so no run trains twice at once. A folder that cannot hold the claim is left to the writability check
+    that follows (its error names the fix)."""
+    held = ExitStack()
+    with suppress(OSError):
+        held.enter_context(
+            _flock(claim_path(path), f"waiting: another process is running {path} (skipped if it ends ok)")
+        )
+    with held:
+        yield
 
 
 def write_record_guarded(
