@@ -66,6 +66,30 @@ def test_halving_trains_each_point_only_as_far_as_it_survives(tmp_path):
     assert rows["tuned_by"].tolist() == ["halving"]
 
 
+@pytest.mark.slow
+def test_with_pack_the_survivors_of_a_rung_train_together(tmp_path):
+    """--pack 2: the four points train a first epoch in two packs; the two that go on continue from their rung in
+    one pack (the stopped points, listed first and third, take no place in it); the finisher trains alone."""
+    grid = ["--grid", "optim.lr=3e-2,1e-3,1e-2,3e-3", "trainer.epochs=4"]  # the best two sit in different halves
+    multirun(tmp_path, "linear", "--experiment", "smoke", "--tasks", "digits", "--tune", "halving", "--pack", "2",
+             "--stage", "tune", *grid, script="scripts/vtab1k.py", from_tmp=True)  # fmt: skip
+    tune = {r["config"]["optim"]["lr"]: r for _, r in iter_records(tmp_path / "runs") if r["protocol"] == "tune"}
+    stops = {lr: r["metrics"]["stopped_at_epoch"] for lr, r in tune.items()}
+    assert sorted(stops.values(), key=lambda s: s or 9) == [1, 1, 2, None]
+    first = {lr: r["metrics"]["history"][0]["eval_top1"] for lr, r in tune.items()}
+    survivors = sorted(tune, key=lambda lr: (-first[lr], lr))[:2]
+    assert {lr for lr, s in stops.items() if s != 1} == set(survivors)
+    assert {(tune[lr]["cost"].get("packed") or {}).get("k") for lr in stops if stops[lr] == 1} == {2}
+    [second] = [lr for lr in stops if stops[lr] == 2]
+    packed = tune[second]["cost"]["packed"]
+    assert packed["k"] == 2 and packed["pack_id"] not in {tune[lr]["cost"]["packed"]["pack_id"] for lr in stops
+                                                          if stops[lr] == 1}  # fmt: skip
+    # the rung's numbers are the history's: the continued run keeps its first epoch's evaluation
+    [finisher] = [lr for lr in stops if stops[lr] is None]
+    assert tune[finisher]["metrics"]["history"][0]["eval_top1"] == first[finisher]
+    assert tune[finisher]["metrics"]["history"][1]["eval_top1"] is not None
+
+
 def test_a_broken_halving_file_given_to_a_run_is_bad_input(tmp_path):
     broken = tmp_path / "linear.halving.json"
     broken.write_text("not json")

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from timm.models.vision_transformer import VisionTransformer
 
 import vpeft
-from vpeft.engine import TrainConfig, param_groups, train
+from vpeft.engine import Resume, TrainConfig, param_groups, train
 from vpeft.engine.packed import PackedRun, PackError, train_packed
 from vpeft.methods import METHODS
 
@@ -373,3 +373,48 @@ def test_the_stack_holds_each_runs_own_tensors_bitwise():
             assert torch.equal(p, init[name]), name
     for packed, own in zip(results, copies, strict=True):
         assert packed.epochs[0].train_loss == pytest.approx(alone(own, config)[2].epochs[0].train_loss, rel=1e-13)
+
+
+RUNG = TrainConfig(epochs=4, batch_size=16, warmup_epochs=1, eval_batch_size=16, amp="none", progress=False,
+                   eval_every=1)  # fmt: skip
+
+
+def _resume(result) -> Resume:
+    best = (result.best_epoch_top1, result.best_epoch) if result.best_epoch is not None else None
+    return Resume(epoch=result.epochs[-1].epoch, history=list(result.epochs), best=best)
+
+
+@pytest.mark.parametrize(("stop_packed", "go_on_packed"), [(True, True), (False, True), (True, False)],
+                         ids=["pack-then-pack", "alone-then-pack", "pack-then-alone"])  # fmt: skip
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_a_pack_stops_at_a_rung_and_goes_on_as_each_run_does_straight(kind, stop_packed, go_on_packed):
+    """Successive halving's rungs in a pack: stopped after epoch 2 of 4 (packed or alone), then continued from
+    each run's state (packed or alone); every run ends where it ends trained straight through."""
+    runs = [
+        build("lora", "five", 1, {"lr": 1e-2, "weight_decay": 1e-4, "kind": kind}, alpha=4.0),
+        build("lora", "three", 2, {"lr": 3e-3, "weight_decay": 5e-2, "kind": kind}, alpha=16.0),
+    ]
+    copies = [copied(r) for r in runs]
+    if stop_packed:
+        halves = train_packed(runs, RUNG, MEAN, STD, DEVICE, stop_after=2)
+    else:
+        halves = [train(r.model, r.train_images, r.train_labels, r.eval_images, r.eval_labels, r.optimizer, RUNG,
+                        MEAN, STD, DEVICE, seed=r.seed, stop_after=2) for r in runs]  # fmt: skip
+    assert [len(h.epochs) for h in halves] == [2, 2] and all(h.epochs[-1].eval_top1 is not None for h in halves)
+    resumes = [_resume(h) for h in halves]
+    if go_on_packed:
+        results = train_packed(runs, RUNG, MEAN, STD, DEVICE, resumes=resumes)
+    else:
+        results = [train(r.model, r.train_images, r.train_labels, r.eval_images, r.eval_labels, r.optimizer, RUNG,
+                         MEAN, STD, DEVICE, seed=r.seed, resume=res) for r, res in zip(runs, resumes)]  # fmt: skip
+    assert_same_as_alone(runs, RUNG, results, copies)
+    for half, whole in zip(halves, results, strict=True):  # the rung's evaluation is in the whole run's history
+        assert whole.epochs[1].eval_top1 == half.epochs[1].eval_top1
+
+
+def test_a_pack_resumes_only_from_one_rung():
+    runs = [build("lora", "five", 1, {"lr": 1e-2, "weight_decay": 0.0}),
+            build("lora", "three", 2, {"lr": 1e-2, "weight_decay": 0.0})]  # fmt: skip
+    halves = train_packed(runs, RUNG, MEAN, STD, DEVICE, stop_after=1)
+    with pytest.raises(PackError, match="resume from one epoch"):
+        train_packed(runs, RUNG, MEAN, STD, DEVICE, resumes=[_resume(halves[0]), None])

@@ -135,6 +135,9 @@ def _packs(loader: Any, config: DictConfig, planned: list[dict[str, Any]], size:
         except Exception:  # the run itself says what is wrong with the file; here it just packs alone
             groups[f"alone-{job['num']}"] = [job]
             continue
+        if cfg.get("halving") and _halted(cfg):  # stopped by successive halving: skipped, so it takes no one's place
+            groups.setdefault("halted", []).append(job)
+            continue
         plain = OmegaConf.create(OmegaConf.to_container(cfg))
         name = OmegaConf.select(plain, "method.name")
         own = METHODS.get(name).per_run_config if name in METHODS else ()
@@ -148,6 +151,22 @@ def _packs(loader: Any, config: DictConfig, planned: list[dict[str, Any]], size:
     write_packs(sweep_dir, packs)
     _log.info("%d runs in %d packs of at most %d", len(planned), len(packs), size)
     return [[[*pack[0]["overrides"], f"pack_job={i}"] for i, pack in enumerate(packs)]]
+
+
+def _halted(cfg: DictConfig) -> bool:
+    """Whether the halving file stops this run's grid point (its pack jobs skip it), so that the runs that go on
+    from a rung pack with each other; an unreadable file is the run's own bad input, said when it runs."""
+    from omegaconf import OmegaConf
+
+    from vpeft.jobs.rungs import stopped_at
+    from vpeft.results.record import dataset_id
+
+    try:  # the groups a grid varies (hydra's own keys resolve only inside a job)
+        resolved = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("dataset", "optim", "method", "trainer",
+                                                                               "backbone")}  # fmt: skip
+        return stopped_at(cfg.halving, dataset_id(resolved["dataset"]), resolved) is not None
+    except Exception:
+        return False
 
 
 def _config_error(loader: Any, config: DictConfig, overrides: list[str]) -> str | None:

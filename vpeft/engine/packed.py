@@ -38,6 +38,7 @@ from vpeft.engine.loop import (
     DivergedError,
     EpochStats,
     Normalizer,
+    Resume,
     TrainConfig,
     TrainResult,
     _place,
@@ -128,6 +129,30 @@ class _StackedOptimizer:
         self.opts = first.param_groups[0]
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.step_count = 0
+
+    @torch.no_grad()
+    def load(self, runs: Sequence[PackedRun], head: set[str], c_max: int) -> None:
+        """Each run's optimizer state (a rung's, restored into its torch optimizer) into its slice of the stack:
+        the reverse of ``_write_back``. Every run must hold state for the same tensors, at the same step."""
+        steps = set()
+        for name in self.params:
+            states = [run.optimizer.state.get(dict(run.model.named_parameters())[name]) for run in runs]
+            if all(not st for st in states):
+                continue
+            if not all(states):
+                raise PackError(f"some runs of the pack have optimizer state for {name} and some none")
+            keys = ("exp_avg", "exp_avg_sq") if self.kind == "adamw" else ("momentum_buffer",)
+            stacked = {}
+            for key in keys:
+                tensors = [st[key].detach().to(self.params[name].device, self.params[name].dtype) for st in states]
+                if name in head:
+                    tensors = [F.pad(t, (0, 0) * (t.dim() - 1) + (0, c_max - t.shape[0])) for t in tensors]
+                stacked[key] = torch.stack(tensors)
+            self.state[name] = stacked
+            steps.update(int(st["step"]) for st in states if "step" in st)
+        if len(steps) > 1:
+            raise PackError(f"the runs of a pack resume from different optimizer steps ({sorted(steps)})")
+        self.step_count = steps.pop() if steps else 0
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
@@ -299,16 +324,21 @@ def train_packed(
     mean: Sequence[float],
     std: Sequence[float],
     device: torch.device,
+    resumes: Sequence[Resume | None] | None = None,
+    stop_after: int | None = None,
 ) -> list[TrainResult | DivergedError]:
     """Train the runs together; return each run's result (as ``vpeft.engine.train`` gives it) or its error.
 
     Every run's model ends with its trained tensors and its optimizer with its state. Training time is
     the pack's wall time divided by K (each run's share); images per second are per run on that share.
+    ``stop_after`` and ``resumes`` are ``train``'s, for every run of the pack at once (successive halving's
+    survivors of one rung): the pack stops after that epoch of the schedule, and goes on from the epoch all its
+    runs stopped at, their models and optimizers holding the rung's state (from a pack or from a run alone).
     """
     with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         # on CPU attention has no batching rule: torch loops over the runs, and says so
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
-        return _train_packed(runs, config, mean, std, device, stack)
+        return _train_packed(runs, config, mean, std, device, stack, resumes, stop_after)
 
 
 def _train_packed(
@@ -318,9 +348,19 @@ def _train_packed(
     std: Sequence[float],
     device: torch.device,
     stack: contextlib.ExitStack,
+    resumes: Sequence[Resume | None] | None,
+    stop_after: int | None,
 ) -> list[TrainResult | DivergedError]:
     cfg = config
     trainable, head, kind = _check_pack(runs)
+    resumes = list(resumes) if resumes is not None else [None] * len(runs)
+    starts = {r.epoch if r is not None else 0 for r in resumes}
+    if len(resumes) != len(runs) or len(starts) > 1:
+        raise PackError("the runs of a pack resume from one epoch (one resume per run, each at the same rung)")
+    first = starts.pop()
+    last = cfg.epochs if stop_after is None else stop_after
+    if not 0 <= first < last <= cfg.epochs:
+        raise ValueError(f"cannot train epochs {first + 1}..{last} of a {cfg.epochs}-epoch schedule")
     amp = resolve_amp(cfg.amp, device)
     k = len(runs)
     classes = [len(_head_rows(r.model, head)) for r in runs]
@@ -345,6 +385,8 @@ def _train_packed(
         params[name] = torch.stack(tensors).requires_grad_(True)
     groups = _groups(runs, trainable, kind, device)
     optimizer = _StackedOptimizer(groups, params, runs[0].optimizer)
+    if first:
+        optimizer.load(runs, head, c_max)  # the rung's optimizer state, each run's into its slice
     # each run's fixed scales (LoRA's alpha / r, ...) as [K] tensors the template reads in place of its floats
     inputs = {**params, **_per_run_values(runs, template, device, stack)}
     n_classes = torch.tensor(classes, device=device)
@@ -368,22 +410,28 @@ def _train_packed(
         for r in runs
     ]
     generators = [torch.Generator().manual_seed(r.seed) for r in runs]
+    for g in generators:  # the data orders of the epochs already trained, drawn again
+        for _ in range(first):
+            torch.randperm(n, generator=g)
+    step = first * steps_per_epoch
+    if step:
+        for s in schedulers:
+            s.step_update(step)
     drawing = noise.number_sites(template)  # check_packable keyed the template's stochastic modules
     keys = step_keys([r.seed for r in runs], total_steps, device) if drawing else None
     active = torch.ones(k, dtype=torch.float64, device=device)
     failed: dict[int, DivergedError] = {}
-    histories: list[list[EpochStats]] = [[] for _ in runs]
-    best: list[tuple[float, int] | None] = [None] * k
+    histories: list[list[EpochStats]] = [list(r.history) if r is not None else [] for r in resumes]
+    best: list[tuple[float, int] | None] = [r.best if r is not None else None for r in resumes]
 
     batched = _batched(template, in_dims=(0, 0, 0 if keys is not None else None))
     step_batched = torch.compile(batched, mode=cfg.compile_mode) if cfg.compile else batched
     template.train()
-    bar = progress_bar(desc=f"training {k} packed runs, epoch 1/{cfg.epochs}", total=total_steps, unit="batch",
-                       enabled=cfg.progress)  # fmt: skip
+    bar = progress_bar(desc=f"training {k} packed runs, epoch {first + 1}/{cfg.epochs}",
+                       total=(last - first) * steps_per_epoch, unit="batch", enabled=cfg.progress)  # fmt: skip
     _sync(device)
     start = time.perf_counter()
-    step = 0
-    for epoch in range(cfg.epochs):
+    for epoch in range(first, last):
         bar.set_description(f"training {k} packed runs, epoch {epoch + 1}/{cfg.epochs}", refresh=False)
         epoch_start = time.perf_counter()
         loss_sum = torch.zeros(k, dtype=torch.float64, device=device)
@@ -425,7 +473,7 @@ def _train_packed(
             stats = EpochStats(epoch=epoch + 1, train_loss=epoch_losses[i], lr=run.optimizer.param_groups[0]["lr"],
                                images_per_s=n * k / seconds, seconds=seconds / k)  # fmt: skip
             histories[i].append(stats)
-        if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+        if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < last:
             live = [i for i in range(k) if i not in failed]
             for i, (top1, _) in zip(live, _evaluate(template, inputs, runs, live, valid, mean, std, device, cfg, amp),
                                     strict=True):  # fmt: skip
@@ -456,7 +504,7 @@ def _train_packed(
             continue
         top1, eval_loss = scored[i]
         results.append(train_result(cfg, histories[i], top1, eval_loss, best[i], train_seconds, eval_seconds, n, amp,
-                                    device))  # fmt: skip
+                                    device, epochs=last - first))  # fmt: skip
     return results
 
 

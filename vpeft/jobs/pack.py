@@ -7,7 +7,8 @@ overrides (the same identity, config hash and record path as ``run.py`` gives it
 finished, refused with the fix when its input is bad (the others go on), recorded ``failed`` when it
 diverges (the others go on) and ``interrupted`` when a stop signal ends the pack; its record is written
 as a lone run's is, with ``cost.packed`` saying what it shared. Runs that cannot share a step with the
-others (another split size) train alone, one after another, in the same job.
+others (another split size) train alone, one after another, in the same job. Runs that stop at a halving rung
+(``stop_after``) or go on from one pack with the runs at the same rungs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,11 @@ from vpeft.engine.packed import PackError, check_packable, train_packed
 from vpeft.env import environment
 from vpeft.errors import VpeftError
 from vpeft.files import write_json_atomic
-from vpeft.jobs import rungs, runner
+from vpeft.jobs import runner
 from vpeft.jobs.runner import Context, InputError, Plan
 from vpeft.jobs.train import TrainJob
 from vpeft.methods import METHODS
+from vpeft.results import run_claim
 
 log = logging.getLogger("vpeft")
 PACKS_FILE = "vpeft_packs.json"  # in the sweep folder: each pack's runs (their numbers and overrides)
@@ -93,9 +96,14 @@ def run_pack(cfg: DictConfig, members: list[Member], pack_id: str) -> list[dict[
     env = environment(device)
     previous = {s: signal.signal(s, runner._on_sigterm) for s in runner.stop_signals()}
     phase = "setup"
+    claims = ExitStack()  # each run's claim, taken in one order by every process (no two wait on each other)
     try:
         for m in members:
             _plan(job, m, multirun)
+        for path in sorted({str(m.plan.record_path) for m in members if not m.done}):
+            claims.enter_context(run_claim(path))
+        for m in [m for m in members if not m.done]:
+            _settle(job, m, multirun)
         for m in [m for m in members if not m.done]:
             _setup(job, m, device, env, started, multirun)
         live = [m for m in members if not m.done]
@@ -120,13 +128,14 @@ def run_pack(cfg: DictConfig, members: list[Member], pack_id: str) -> list[dict[
                 runner._write_status(m.record, False, m.plan, num=m.num)
         raise
     finally:
+        claims.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     return [m.record for m in members]
 
 
 def _plan(job: TrainJob, m: Member, multirun: bool) -> None:
-    """The run's plan from its own overrides; a finished run is skipped, bad input settled without a record."""
+    """The run's plan from its own overrides; bad input settled without a record."""
     try:
         m.plan = job.plan(m.cfg)
         m.plan.overrides = list(m.overrides)
@@ -135,7 +144,10 @@ def _plan(job: TrainJob, m: Member, multirun: bool) -> None:
             log.info("%s runs alone (%s)", method.name, method.runs_alone)
     except Exception as e:
         _bad_input(m, e if isinstance(e, VpeftError) else InputError(f"configuration error: {e}"), multirun)
-        return
+
+
+def _settle(job: TrainJob, m: Member, multirun: bool) -> None:
+    """Under the run's claim: a finished run is skipped, a folder its record cannot go into is bad input."""
     if m.cfg.get("skip_finished", True) and m.plan.record_path.exists():
         try:
             previous = job.read(m.plan.record_path)
@@ -187,16 +199,17 @@ def _train(live: list[Member], device: torch.device) -> dict[int, tuple[Any, int
     together, per group of one split size and config; a run whose method cannot pack trains alone. A group that
     fails takes no other group down."""
     groups: dict[str, list[Member]] = {}
+    rung: dict[int, tuple[Any, int | None]] = {}  # per run: the rung state it resumes from, the rung it stops at
     for m in live:
         method = m.run.model.vpeft_method
         try:
-            if m.plan.cfg.get("stop_after") is not None or rungs.state_path(m.plan.record_path).is_file():
-                raise PackError("a run that stops at or resumes from a halving rung trains alone")
             check_packable(method, m.run.model)
+            resume, stop = rung[id(m)] = TrainJob().rung(m.plan, m.run)
             r = m.plan.resolved
             shared_optim = {k: v for k, v in r["optim"].items() if k not in ("lr", "weight_decay")}
             shared_method = {k: v for k, v in r["method"].items() if k not in method.per_run_config}
-            key = repr((len(m.run.train_labels), r["trainer"], shared_method, shared_optim, r["backbone"]))
+            start = resume.epoch if resume is not None else 0  # halving's survivors of one rung pack together
+            key = repr((len(m.run.train_labels), r["trainer"], shared_method, shared_optim, r["backbone"], start, stop))
         except PackError as e:
             log.info("%s: trains alone (%s)", m.plan.record_path.name, e)
             key = f"alone-{m.num}"
@@ -210,8 +223,12 @@ def _train(live: list[Member], device: torch.device) -> dict[int, tuple[Any, int
         bb = first.ctx.state["backbone"]
         if len(group) > 1:
             try:
-                outcome = train_packed([m.run for m in group], trainer, bb.mean, bb.std, device)
-                results.update({id(m): (r, len(group)) for m, r in zip(group, outcome, strict=True)})
+                resumes, stop = [rung[id(m)][0] for m in group], rung[id(first)][1]
+                outcome = train_packed([m.run for m in group], trainer, bb.mean, bb.std, device, resumes, stop)
+                for m, r in zip(group, outcome, strict=True):
+                    if not isinstance(r, Exception):
+                        TrainJob().at_rung(m.plan, m.run, m.ctx, r, stop)
+                    results[id(m)] = (r, len(group))
                 continue
             except PackError as e:  # another backbone, optimizer or grouping: the runs train one by one
                 log.warning("these %d runs cannot share a step (%s); they train one after another", len(group), e)

@@ -24,7 +24,7 @@ from vpeft.backbones import backbone_from_config, create_backbone
 from vpeft.bench import BenchConfig, cost_summary
 from vpeft.config import check_keys
 from vpeft.data import check_task, data_digest, load_task
-from vpeft.engine import TrainConfig, TrainResult, param_groups, train
+from vpeft.engine import Resume, TrainConfig, TrainResult, param_groups, train
 from vpeft.engine.loop import resolve_amp
 from vpeft.engine.packed import PackedRun
 from vpeft.env import resolve_device
@@ -380,19 +380,26 @@ class TrainJob(Job):
         next rung), from the last rung's state where one was saved."""
         bb = ctx.state["backbone"]
         trainer = TrainConfig(**plan.resolved["trainer"])
-        stop = rungs.stop_epoch(plan.cfg.get("stop_after"), trainer.epochs)
-        resume = rungs.restore(
-            rungs.state_path(plan.record_path), run.model, run.optimizer, plan.identity["config_hash"], stop
-        )
+        resume, stop = self.rung(plan, run)
         result = train(run.model, run.train_images, run.train_labels, run.eval_images, run.eval_labels, run.optimizer,
                        trainer, bb.mean, bb.std, device, seed=run.seed, on_epoch_end=run.on_epoch_end, resume=resume,
                        stop_after=stop)  # fmt: skip
-        if stop is not None:
-            rungs.save(
-                rungs.state_path(plan.record_path), run.model, run.optimizer, plan.identity["config_hash"], result
-            )
-            ctx.state["stopped_at_epoch"] = stop
+        self.at_rung(plan, run, ctx, result, stop)
         return result
+
+    def rung(self, plan: Plan, run: PackedRun) -> tuple[Resume | None, int | None]:
+        """Where the run starts (the last rung's state, restored into its model and optimizer; None: epoch 0) and
+        where it stops (its ``stop_after`` rung; None: the schedule's end)."""
+        stop = rungs.stop_epoch(plan.cfg.get("stop_after"), int(plan.resolved["trainer"]["epochs"]))
+        path = rungs.state_path(plan.record_path)
+        return rungs.restore(path, run.model, run.optimizer, plan.identity["config_hash"], stop), stop
+
+    def at_rung(self, plan: Plan, run: PackedRun, ctx: Context, result: TrainResult, stop: int | None) -> None:
+        """A run that stopped at a rung leaves its state beside the record for the next rung."""
+        if stop is not None:
+            path = rungs.state_path(plan.record_path)
+            rungs.save(path, run.model, run.optimizer, plan.identity["config_hash"], result)
+            ctx.state["stopped_at_epoch"] = stop
 
     def setup(self, plan: Plan, device: torch.device, record: dict[str, Any], ctx: Context) -> PackedRun:
         """Data, backbone, head, method and optimizer, as the run trains them (alone or in a pack)."""
