@@ -1,6 +1,6 @@
 """Replay successive halving on full-grid tune records: would it have chosen what the full grid chose?
 
-    python scripts/halving_sim.py results/halving/runs [--eta 2] [--rungs 2,4,8] [--out outputs/halving]
+    python scripts/halving_sim.py results/halving/runs [--eta 2] [--rungs 2,4,8] [--out outputs/halving] [--picks DIR]
 
 The tune runs must have evaluated on val200 at the rungs (``trainer.eval_every``); final runs of the
 picks, where present, give the test top-1 each pick reaches (the regret is the full grid's pick minus
@@ -21,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 from vpeft.errors import VpeftError  # noqa: E402
 from vpeft.files import write_text_atomic  # noqa: E402
 from vpeft.results import iter_records  # noqa: E402
-from vpeft.results.halving import halving_table, summary  # noqa: E402
+from vpeft.results.halving import COLUMNS, halving_table, summary, untested_picks  # noqa: E402
+from vpeft.vtab import write_hparams  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eta", type=int, default=2, help="keep the best 1/eta of the points at each rung (default 2)")
     p.add_argument("--rungs", default=None, help="rungs in epochs, the last the schedule's end (default: 1/4, 1/2, 1)")
     p.add_argument("--out", type=Path, default=Path("outputs/halving"), help="output folder (default outputs/halving)")
+    p.add_argument("--picks", type=Path, default=None, help="write hyperparameter files of halving's picks that "
+                   "differ from the full grid's and have no final run (DIR/<backbone>/<method>.json)")  # fmt: skip
     args = p.parse_args(argv)
     if not args.records.is_dir():
         p.exit(2, f"halving_sim.py: error: no folder of records at {args.records}\n")
@@ -44,6 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     if table.empty:
         p.exit(2, f"halving_sim.py: error: no finished tune runs under {args.records}\n")
     s = summary(table)
+    if args.picks is not None:
+        for (backbone, method), tasks in untested_picks(table).items():
+            path = write_hparams(args.picks / backbone / f"{method}.json", tasks, method, backbone,
+                                 sorted({k for t in tasks.values() for k in t["values"]}))  # fmt: skip
+            print(
+                f"halving's picks without final runs: {path} ({', '.join(sorted(tasks))}); run them with "
+                f"run.py -m protocol=final hparams={path} method={method} dataset=<those tasks> seed=<the seeds>"
+            )
+    table = table[COLUMNS]
     args.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(args.out / "halving.csv", table.to_csv(index=False, float_format="%.4g"))
     md = table.to_markdown(index=False, floatfmt=".4g")

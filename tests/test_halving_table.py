@@ -12,7 +12,7 @@ import pytest
 
 from vpeft.errors import ConfigError
 from vpeft.results import iter_records
-from vpeft.results.halving import halving_table, summary
+from vpeft.results.halving import halving_table, summary, untested_picks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +62,10 @@ def test_without_final_runs_of_a_pick_the_regret_is_unknown():
                                                         and r["config"]["optim"]["lr"] == 4e-3)])  # fmt: skip
     assert table.iloc[0]["regret"] is None or table.iloc[0]["regret"] != table.iloc[0]["regret"]  # None or NaN
     assert summary(table)["regret_rows"] == 1
+    # the final runs that would give it: halving's pick on digits, as a hyperparameter file's entry
+    assert untested_picks(table) == {("vit", "lora"): {"digits": {"values": {"optim.lr": 4e-3}, "val_top1": 66,
+                                                                  "tuned_by": "halving"}}}  # fmt: skip
+    assert untested_picks(halving_table(records())) == {}  # every differing pick has its final runs
 
 
 def test_runs_that_did_not_evaluate_at_a_rung_are_refused_with_the_fix():

@@ -106,8 +106,27 @@ def halving_table(records: Iterable[dict[str, Any]], eta: int = 2, rungs: Sequen
             "full_test": _mean(full_test), "halving_test": _mean(halving_test), "regret": regret,
             "seed_spread": statistics.stdev(full_test) if len(full_test) > 1 else None,
             "final_seeds": len(full_test), "cost": outcome.cost,
+            "halving_values": dict(zip(keys, outcome.pick, strict=True)) if outcome.pick is not None else None,
+            "halving_finals": len(halving_test),
         })  # fmt: skip
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=[*COLUMNS, *PICKS])
+
+
+# beside COLUMNS (not printed): halving's pick as a grid point, and how many final runs it has
+PICKS = ["halving_values", "halving_finals"]
+
+
+def untested_picks(table: pd.DataFrame) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
+    """Per (backbone, method), the tasks whose halving pick differs from the full grid's and has no final run yet,
+    as a hyperparameter file's ``tasks`` (``vpeft.vtab.write_hparams``): the final runs that give their regret."""
+    out: dict[tuple[str, str], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for _, row in table.iterrows():
+        if row["same"] or row["halving_values"] is None or row["halving_finals"]:
+            continue
+        out[(row["backbone"], row["method"])][row["task"]] = {
+            "values": row["halving_values"], "val_top1": row["halving_val"], "tuned_by": "halving",
+        }  # fmt: skip
+    return dict(out)
 
 
 def _tested(finals: list[dict[str, Any]], keys: Sequence[str], point: tuple | None) -> list[float]:
