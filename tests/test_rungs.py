@@ -18,11 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
+def command(tmp: Path, results: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "run.py"), "backbone=vit_tiny_random", "dataset=digits", "protocol=tune",
+            "trainer.epochs=4", "trainer.warmup_epochs=1", "trainer.eval_every=1", "bench.latency=false",
+            "bench.flops=false", f"paths.results={tmp / results}", f"paths.cache={tmp / 'cache'}", *args]  # fmt: skip
+
+
 def run(tmp: Path, results: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "run.py"), "backbone=vit_tiny_random", "dataset=digits", "protocol=tune",
-           "trainer.epochs=4", "trainer.warmup_epochs=1", "trainer.eval_every=1", "bench.latency=false",
-           "bench.flops=false", f"paths.results={tmp / results}", f"paths.cache={tmp / 'cache'}", *args]  # fmt: skip
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command(tmp, results, *args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def only_record(folder: Path) -> tuple[Path, dict]:
@@ -97,10 +100,8 @@ def _claim_held(folder: Path) -> bool:
 
 
 def _start(tmp: Path, results: str, *args: str) -> subprocess.Popen:
-    cmd = [sys.executable, str(ROOT / "run.py"), "backbone=vit_tiny_random", "dataset=digits", "protocol=tune",
-           "trainer.epochs=4", "trainer.warmup_epochs=1", "trainer.eval_every=1", "bench.latency=false",
-           "bench.flops=false", f"paths.results={tmp / results}", f"paths.cache={tmp / 'cache'}", *args]  # fmt: skip
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command(tmp, results, *args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 @pytest.mark.slow

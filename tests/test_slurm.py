@@ -163,11 +163,11 @@ def test_two_identical_sweeps_at_once_share_results_and_a_cold_cache(cluster, ta
     skipped = [int(re.search(r"8 ok \((\d+) skipped", summary(o)).group(1)) for o in outs]
     recs = records(tmp_path)
     assert len(recs) == 8 and all(r["status"] == "ok" for r in recs.values())
-    # nothing half-written: the results hold records, their delta files and lock files; the cache decodes
+    # nothing half-written: the results hold records, their delta files, lock and claim files; the cache decodes
     from safetensors.torch import load_file
 
     runs = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
-    assert {p.suffix for p in runs} <= {".json", ".safetensors", ".lock"}, runs
+    assert {p.suffix for p in runs} <= {".json", ".safetensors", ".lock", ".claim"}, runs
     assert sum(p.suffix == ".safetensors" for p in runs) == 8
     cache = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert cache and all(p.suffix == ".safetensors" for p in cache), cache

@@ -72,15 +72,27 @@ def claim_path(path: str | Path) -> Path:
 def run_claim(path: str | Path) -> Iterator[None]:
     """Held from the check for a finished record to the record written: a second process of the same run (two
     sweeps over one grid, two halving stages, a requeued array task) waits here, then finds the record and skips
-    the run, so no run trains twice at once. A folder that cannot hold the claim is left to the writability check
+    the run, so no run trains twice at once. A run that ends without a record (bad input found while it set up)
+    leaves no claim and no folder behind. A folder that cannot hold the claim is left to the writability check
     that follows (its error names the fix)."""
+    path = Path(path)
+    claim = claim_path(path)
+    made, folder = [], claim.parent  # the folders the claim creates, deepest first
+    while not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
     held = ExitStack()
     with suppress(OSError):
-        held.enter_context(
-            _flock(claim_path(path), f"waiting: another process is running {path} (skipped if it ends ok)")
-        )
+        held.enter_context(_flock(claim, f"waiting: another process is running {path} (skipped if it ends ok)"))
     with held:
-        yield
+        try:
+            yield
+        finally:
+            if not path.exists():
+                with suppress(OSError):
+                    claim.unlink()
+                    for d in made:
+                        d.rmdir()
 
 
 def write_record_guarded(
