@@ -83,6 +83,11 @@ def job_logs(tmp: Path, sweep_dir: str) -> dict[str, str]:
     return {p.name.rsplit("_", 2)[0]: p.read_text() for p in (tmp / sweep_dir / ".submitit").glob("*/*_0_log.out")}
 
 
+def err_logs(tmp: Path, sweep_dir: str) -> dict[str, str]:
+    """SLURM job id (array_task) -> its stderr (where the progress lines go)."""
+    return {p.name.rsplit("_", 2)[0]: p.read_text() for p in (tmp / sweep_dir / ".submitit").glob("*/*_0_log.err")}
+
+
 def array_id(tmp: Path, sweep_dir: str, proc: subprocess.Popen) -> str:
     """The sweep's job array id, from its own submitit folder (the cluster lists earlier tests' jobs too)."""
     scripts = wait_for(lambda: list((tmp / sweep_dir / ".submitit").glob("*/*_submission.sh")), "sbatch", proc=proc)
@@ -217,10 +222,13 @@ def test_a_run_past_its_time_limit_is_recorded_interrupted_and_a_resubmission_fi
 @pytest.mark.slow
 def test_a_requeued_array_keeps_its_finished_record_and_reruns_the_interrupted_run(cluster, tasks, tmp_path):
     proc = start_sweep(cluster, tmp_path, "sweep", f"dataset.root={tasks[1]}", "trainer.epochs=1,150",
-                       "hydra.launcher.array_parallelism=2")  # fmt: skip
+                       "hydra.launcher.array_parallelism=2", "trainer.progress=true")  # fmt: skip
     # task 0 (1 epoch) finishes while task 1 (150 epochs) trains: then SLURM requeues the whole array
     array = array_id(tmp_path, "sweep", proc)
     [done] = wait_for(lambda: [p for p, r in records(tmp_path).items() if r["status"] == "ok"], "run 0", proc=proc)
+    # task 1 past its set-up (on a loaded node it may start later than task 0): its progress line says so
+    wait_for(lambda: "training epoch 1/150" in err_logs(tmp_path, "sweep").get(f"{array}_1", ""), "task 1 training",
+             proc=proc)  # fmt: skip
     before = done.read_bytes(), done.stat().st_mtime_ns
     assert cluster.jobs()[f"{array}_1"] == "RUNNING" and len(records(tmp_path)) == 1
     cluster.run("scontrol", "requeue", array)
