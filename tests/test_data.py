@@ -716,7 +716,7 @@ def test_cached_torchvision_task_needs_neither_files_nor_network(tmp_path, fake_
 def test_cache_write_is_atomic_and_named_readably(tmp_path):
     root = small_task(tmp_path / "t")
     load_task("folder", "tune", (8, 6), root=root, cache_dir=tmp_path / "c")
-    names = sorted(p.name for p in (tmp_path / "c").iterdir())
+    names = sorted(p.name for p in (tmp_path / "c").iterdir() if p.name != "digests")  # (the digests' memo)
     assert len(names) == 2 and all(n.startswith("folder-") and "-8x6-bicubic-" in n for n in names)
     assert all(os.path.getsize(tmp_path / "c" / n) > 0 for n in names)
 
@@ -807,7 +807,7 @@ def test_cache_write_that_fails_midway_leaves_nothing(tmp_path):
     found = _cache_warnings(caught)
     assert len(found) == 1 and str(cache) in found[0] and "File too large" in found[0], found
     assert index_of(task.train.images).tolist() == list(range(12)) and not task.cache_hit
-    assert list(cache.iterdir()) == []  # the partial temp file is gone
+    assert [p.name for p in cache.iterdir()] == ["digests"]  # the partial temp file is gone (the data's digest stays)
 
 
 def test_stale_temp_files_of_killed_writers_are_removed(tmp_path):
@@ -843,7 +843,9 @@ def test_cache_files_follow_the_umask(tmp_path):
             load_task("folder", "tune", (4, 4), root=root, cache_dir=tmp_path / f"c{umask:o}")
         finally:
             os.umask(old)
-        modes = {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / f"c{umask:o}").iterdir()}
+        files = [p for p in (tmp_path / f"c{umask:o}").rglob("*") if p.is_file()]  # the splits and digests' memo
+        modes = {stat.S_IMODE(p.stat().st_mode) for p in files}
+        assert len(files) == 4  # two splits, each with its digest
         assert modes == {mode}, (oct(umask), modes)
 
 

@@ -3,6 +3,7 @@ real files, real processes and real signals."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import REAL_CIFAR10, index_of, small_task, solid, write_noah
+from data_helpers import REAL_CIFAR10, index_of, small_task, solid, write_imagefolder, write_noah
 from PIL import Image
 from test_run import QUICK, ROOT, records, run_cli
 
-from vpeft.data import data_digest, load_task
+from vpeft.data import DIGEST_VERSION, data_digest, load_task
 from vpeft.data import decode as decode_module
 from vpeft.data.base import array_items
 from vpeft.data.cache import CacheWarning
@@ -158,10 +159,50 @@ def test_a_record_without_a_digest_is_not_rerun_and_the_digest_survives_a_copy(t
     assert job.lacks(record, plan).startswith("its data changed since")
     old = {**record, "data": {k: v for k, v in record["data"].items() if k != "digest"}}
     assert job.lacks(old, plan) is None  # records written before digests (the committed ones) stay
-    # a copy elsewhere that keeps mtimes (rsync -a, cp -p, tar) has the same digest: nothing reruns on another node
-    copy = shutil.copytree(task, tmp_path / "copy", copy_function=shutil.copy2)
-    assert data_digest("folder", "tune", root=copy) == data_digest("folder", "tune", root=task)
-    assert data_digest("folder", "tune", root=copy) != record["data"]["digest"]
+    assert record["data"]["digest_version"] == DIGEST_VERSION
+    first_form = {**record, "data": {k: v for k, v in record["data"].items() if k != "digest_version"}}
+    assert job.lacks(first_form, plan) is None  # a digest of the earlier (stat) form cannot be compared: kept
+    # any copy elsewhere has the same digest, its mtimes kept or not (cp, a fresh download, a re-extracted archive)
+    for copy_function in (shutil.copy2, shutil.copyfile):
+        copy = shutil.copytree(task, tmp_path / copy_function.__name__, copy_function=copy_function)
+        assert data_digest("folder", "tune", root=copy) == data_digest("folder", "tune", root=task)
+        assert data_digest("folder", "tune", root=copy) != record["data"]["digest"]  # (relabelled above)
+
+
+def test_the_records_digest_follows_the_images_bytes_not_their_mtimes(tmp_path, monkeypatch):
+    task = small_task(tmp_path / "task")
+    memo = tmp_path / "cache"
+    digest = data_digest("folder", "tune", root=task, cache_dir=memo)
+    assert data_digest("folder", "tune", root=task) == digest  # the memo only remembers it
+    read = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, name: read.append(f.name) or real(f, name))
+    assert data_digest("folder", "tune", root=task, cache_dir=memo) == digest and read == []  # stat calls only
+    image = task / "images" / "train800" / "000003.png"
+    before = image.stat()
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # touched: the bytes are read again
+    assert data_digest("folder", "tune", root=task, cache_dir=memo) == digest and str(image) in read
+    pixels = Image.open(image).convert("RGB")
+    pixels.putpixel((0, 0), tuple(255 - c for c in pixels.getpixel((0, 0))))
+    pixels.save(image)  # another image, its mtime put back: the digest changes (with the memo too)
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    changed = data_digest("folder", "tune", root=task, cache_dir=memo)
+    assert changed != digest and changed == data_digest("folder", "tune", root=task)
+    for remembered in (memo / "digests").iterdir():  # a memo file that is not a digest is not believed
+        remembered.write_text("garbage")
+    assert data_digest("folder", "tune", root=task, cache_dir=memo) == changed
+
+
+def test_an_imagefolders_digest_survives_a_copy_without_its_mtimes(tmp_path):
+    write_imagefolder(tmp_path / "data", {"a": (6, 2), "b": (6, 2)})
+    kw = dict(n_train=4, n_val=2)
+    digest = data_digest("imagefolder", "tune", root=tmp_path / "data", cache_dir=tmp_path / "cache", **kw)
+    copy = shutil.copytree(tmp_path / "data", tmp_path / "copy", copy_function=shutil.copyfile)
+    assert data_digest("imagefolder", "tune", root=copy, cache_dir=tmp_path / "cache", **kw) == digest
+    solid(77).save(sorted((copy / "test" / "a").iterdir())[0])  # the final protocol evaluates on every test image
+    assert data_digest("imagefolder", "final", root=copy, **kw) != data_digest(
+        "imagefolder", "final", root=tmp_path / "data", **kw
+    )
 
 
 # ---- 3. an image rewritten in place with its size and mtime kept ------------------------------------------------

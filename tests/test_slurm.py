@@ -174,8 +174,10 @@ def test_two_identical_sweeps_at_once_share_results_and_a_cold_cache(cluster, ta
     runs = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
     assert {p.suffix for p in runs} <= {".json", ".safetensors", ".lock", ".claim"}, runs
     assert sum(p.suffix == ".safetensors" for p in runs) == 8
-    cache = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    cache = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.parent.name != "digests"]
     assert cache and all(p.suffix == ".safetensors" for p in cache), cache
+    digests = list((tmp_path / "cache").rglob("digests/*"))  # the data digests' memo: whole digests only
+    assert digests and all(re.fullmatch(r"[0-9a-f]{64}\n", p.read_text()) for p in digests), digests
     for p in cache:
         assert load_file(p)  # every cached split reads back whole
     # a run trained by both sweeps only where the second job started before the first one's record existed

@@ -11,6 +11,7 @@ decoded once and cached on disk::
 # Importing the source modules registers their names in DATASETS.
 from vpeft.data import arrays, folder, imagefolder, vtab_tasks  # noqa: F401
 from vpeft.data.base import DATASETS, ImageSplit, TaskData
-from vpeft.data.load import check_task, data_digest, list_datasets, load_task
+from vpeft.data.load import DIGEST_VERSION, check_task, data_digest, list_datasets, load_task
 
-__all__ = ["DATASETS", "ImageSplit", "TaskData", "check_task", "data_digest", "list_datasets", "load_task"]
+__all__ = ["DATASETS", "DIGEST_VERSION", "ImageSplit", "TaskData", "check_task", "data_digest", "list_datasets",
+           "load_task"]  # fmt: skip

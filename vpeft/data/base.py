@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,9 +116,10 @@ class Resolved:
     # what one split's pixels depend on beyond ``identity``, e.g. its image files' sizes and mtimes;
     # asked before every cache lookup, so it must stay cheap (stat calls, no image bytes read)
     split_identity: Callable[[str], str] | None = None
-    # the protocol's data as a record keeps it, cheap too, and unchanged by a copy of the data elsewhere
-    # (paths relative to the folder, no inode or ctime); None: ``identity`` and each ``split_identity``
-    digest: Callable[[], str] | None = None
+    # the protocol's data as a record keeps it, unchanged by any copy of the data elsewhere (paths relative to the
+    # folder, the files' bytes: ``folder.content_digest``), given the data cache folder to remember it in (or None);
+    # None: ``identity`` and each ``split_identity``
+    digest: Callable[[Path | None], str] | None = None
 
 
 def array_items(name: str, images: np.ndarray, labels: np.ndarray, where: str) -> SplitItems:

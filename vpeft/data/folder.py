@@ -7,6 +7,7 @@ reads, paths with spaces), checking is strict (every label in range, every image
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -19,6 +20,7 @@ from PIL import Image
 from vpeft.data.base import DATASETS, Prepared, Request, Resolved, SplitItems, layout
 from vpeft.data.decode import open_image
 from vpeft.errors import ConfigError, DataError
+from vpeft.files import write_text_atomic
 from vpeft.vtab import NUM_CLASSES, SPLIT_SIZES, SPLITS
 
 
@@ -96,20 +98,59 @@ def _stat(path: Path) -> str:
     return f"{path.name}:{file_signature(path, exact=True)}"
 
 
-def files_digest(entries: list[Entry], root: Path | None = None) -> str:
-    """What a split's pixels depend on: each listed path, its label, and its file's stat fingerprint.
+def files_digest(entries: list[Entry], root: Path | None = None, memo: Path | None = None) -> str:
+    """What a split's pixels depend on: each listed path, its label, and its file.
 
-    Stat calls only, no image bytes read, so a cache hit on 10k images stays cheap. Without ``root``
-    the exact form for the cache (absolute paths, ctime and inode too: an image rewritten in place
-    changes the digest, hence the cache key, even when it keeps its size and mtime); with ``root``
-    the portable form for records (paths relative to it, size and mtime).
+    Without ``root`` the exact form for the cache key, from stat calls only so that a cache hit on 10k images
+    stays cheap: absolute paths and stat fingerprints with ctime and inode (an image rewritten in place changes
+    it even when it keeps its size and mtime). With ``root`` the portable form for records (``content_digest``).
     """
+    if root is not None:
+        return content_digest([(e.path, e.label) for e in entries], root, memo)
     h = hashlib.sha256()
     for e in entries:
-        path = e.path if root is None else os.path.relpath(e.path, root)
-        sig = file_signature(e.path, exact=root is None)
-        h.update(f"{path}\0{e.label}\0{sig}\n".encode("utf-8", "surrogateescape"))
+        h.update(f"{e.path}\0{e.label}\0{file_signature(e.path, exact=True)}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
+
+
+def content_digest(samples: list[tuple[str | os.PathLike, int]], root: Path, memo: Path | None = None) -> str:
+    """The portable digest of labelled image files, as records keep it: each path relative to ``root``, its label
+    and the SHA-256 of its bytes. Any copy of the data (however its mtimes came out: ``cp``, a fresh download, a
+    re-extracted archive) has the same digest; a relabelled or replaced image changes it.
+
+    The bytes are read once per state of the files: with a ``memo`` folder (under the data cache) the result is
+    kept there under the exact stat fingerprint of every file (path, size, mtime, ctime, inode), which any write
+    to any of them changes, so later calls cost stat calls only.
+    """
+    exact = hashlib.sha256()
+    for path, label in samples:
+        line = f"{os.fspath(path)}\0{label}\0{file_signature(path, exact=True)}\n"
+        exact.update(line.encode("utf-8", "surrogateescape"))
+    memo_file = Path(memo) / "digests" / f"{exact.hexdigest()}.txt" if memo is not None else None
+    if memo_file is not None:
+        try:
+            known = memo_file.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            known = ""
+        if len(known) == 64 and all(c in "0123456789abcdef" for c in known):
+            return known
+    h = hashlib.sha256(b"content\n")
+    for path, label in samples:
+        try:
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):  # a FIFO would block the read: decoding names what it is
+                content = f"not a file:{stat.S_IFMT(mode):o}"
+            else:
+                with open(path, "rb") as f:
+                    content = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as exc:
+            content = f"unreadable:{exc.errno}"
+        h.update(f"{os.path.relpath(path, root)}\0{label}\0{content}\n".encode("utf-8", "surrogateescape"))
+    digest = h.hexdigest()
+    if memo_file is not None:
+        with contextlib.suppress(OSError):  # a read-only cache: the digest is still right, only not remembered
+            write_text_atomic(memo_file, digest + "\n")
+    return digest
 
 
 def _text_digest(path: Path) -> str:
@@ -216,12 +257,12 @@ def resolve_folder(root: str | os.PathLike, req: Request) -> Resolved:
     if req.name in NUM_CLASSES:
         _check_vtab_task(req.name, root, lists, listed)
 
-    def digest() -> str:
+    def digest(memo: Path | None) -> str:
         h = hashlib.sha256(b"folder\n")
         for path in (*lists.values(), root / "classes.txt"):  # labels, paths and class names as written
             h.update(f"{path.name}:{_text_digest(path)}\n".encode())
         for split in req.splits:
-            h.update(f"{split}:{files_digest(entries(split), root)}\n".encode())
+            h.update(f"{split}:{files_digest(entries(split), root, memo)}\n".encode())
         return h.hexdigest()
 
     def prepare(splits: tuple[str, ...]) -> Prepared:

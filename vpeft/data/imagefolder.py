@@ -17,7 +17,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from vpeft.data.base import DATASETS, Prepared, Request, Resolved, SplitItems, seeded_permutation
 from vpeft.data.decode import open_image
-from vpeft.data.folder import file_signature
+from vpeft.data.folder import content_digest, file_signature
 from vpeft.errors import ConfigError, DataError
 
 LAYOUT = """\
@@ -29,11 +29,11 @@ def _listing(directory: Path, class_to_idx: dict[str, int]) -> list[tuple[str, i
     return make_dataset(directory, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
 
 
-def _digest(samples: list[tuple[str, int]], root: Path, exact: bool) -> str:
-    """What the samples' content depends on: relative paths, labels and stat fingerprints (``file_signature``)."""
+def _digest(samples: list[tuple[str, int]], root: Path) -> str:
+    """The cache key's part for the samples: relative paths, labels and exact stat fingerprints."""
     h = hashlib.sha256()
     for path, label in samples:
-        h.update(f"{os.path.relpath(path, root)}\0{label}\0{file_signature(path, exact)}\n".encode())
+        h.update(f"{os.path.relpath(path, root)}\0{label}\0{file_signature(path, exact=True)}\n".encode())
     return h.hexdigest()
 
 
@@ -103,10 +103,10 @@ def imagefolder(req: Request) -> Resolved:
     if final:
         samples[names[1]] = evaluation
     settings = ["imagefolder", f"n={n_train}/{n_val}", f"subsample={subsample}", f"seed={req.split_seed}"]
-    identity = "|".join([*settings, str(root)] + [f"{n}:{_digest(s, root, True)}" for n, s in sorted(samples.items())])
+    identity = "|".join([*settings, str(root)] + [f"{n}:{_digest(s, root)}" for n, s in sorted(samples.items())])
 
-    def digest() -> str:  # for records: what a copy of the folder elsewhere keeps
-        parts = settings + [f"{n}:{_digest(s, root, False)}" for n, s in sorted(samples.items())]
+    def digest(memo: Path | None) -> str:  # for records: what any copy of the folder elsewhere keeps
+        parts = settings + [f"{n}:{content_digest(s, root, memo)}" for n, s in sorted(samples.items())]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
     def prepare(splits: tuple[str, ...]) -> Prepared:

@@ -88,9 +88,14 @@ def _resolve(name, protocol, root, vtab_root, download_root, download, split_see
     return request, DATASETS.get(name)(request)
 
 
-def _digest(resolved: Resolved, splits: tuple[str, str]) -> str:
+# the form of ``data_digest``: 2 hashes folders' image bytes (1 hashed their sizes and mtimes, which a copy without
+# ``cp -p`` changes); a record keeps it beside its digest, and one of another form is not compared
+DIGEST_VERSION = 2
+
+
+def _digest(resolved: Resolved, splits: tuple[str, str], cache_dir: str | os.PathLike | None) -> str:
     if resolved.digest is not None:
-        return resolved.digest()
+        return resolved.digest(Path(cache_dir) if cache_dir is not None else None)
     parts = [resolved.identity] + [resolved.split_identity(s) if resolved.split_identity else "" for s in splits]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
@@ -107,13 +112,15 @@ def data_digest(
     cache_dir: str | os.PathLike | None = None,
     **options,
 ) -> str:
-    """The digest ``load_task`` gives its task (``TaskData.digest``), from list files and stat calls alone.
+    """The digest ``load_task`` gives its task (``TaskData.digest``), without decoding or downloading anything.
 
-    Nothing is decoded or downloaded, so a finished run can ask in a moment whether its data changed
-    since (a relabelled split, an image replaced); a copy of the data elsewhere keeps the digest.
+    A finished run asks it whether its data changed since (a relabelled split, an image replaced). For folders
+    it hashes the list files and the images' bytes, so any copy of the data elsewhere keeps the digest, whatever
+    its mtimes; with ``cache_dir`` the images are read once per state of their files and then remembered
+    (``folder.content_digest``), so asking again costs stat calls only.
     """
     request, resolved = _resolve(name, protocol, root, vtab_root, download_root, download, split_seed, options)
-    return _digest(resolved, resolved.splits or request.splits)
+    return _digest(resolved, resolved.splits or request.splits, cache_dir)
 
 
 def check_task(
@@ -169,7 +176,7 @@ def load_task(
         raise ConfigError(f"num_workers must be a positive integer or None, got {num_workers!r}")
     request, resolved = _resolve(name, protocol, root, vtab_root, download_root, download, split_seed, options)
     names = resolved.splits or request.splits
-    digest = _digest(resolved, names)
+    digest = _digest(resolved, names, cache_dir)
 
     found: dict[str, cache.CachedSplit] = {}
     files = {}

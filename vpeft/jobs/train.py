@@ -23,7 +23,7 @@ import vpeft
 from vpeft.backbones import backbone_from_config, create_backbone
 from vpeft.bench import BenchConfig, cost_summary
 from vpeft.config import check_keys
-from vpeft.data import check_task, data_digest, load_task
+from vpeft.data import DIGEST_VERSION, check_task, data_digest, load_task
 from vpeft.engine import Resume, TrainConfig, TrainResult, param_groups, train
 from vpeft.engine.loop import resolve_amp
 from vpeft.engine.packed import PackedRun
@@ -335,12 +335,13 @@ class TrainJob(Job):
 
     def data_changed(self, record: dict[str, Any], plan: Plan) -> str | None:
         """Why a finished run trains again when its recorded data digest differs from its data's now; else None."""
-        recorded = (record.get("data") or {}).get("digest")
-        if not recorded:  # a record from before data digests: kept
-            return None
+        data = record.get("data") or {}
+        recorded = data.get("digest")
+        if not recorded or data.get("digest_version", 1) != DIGEST_VERSION:  # before digests, or of another form:
+            return None  # nothing to compare it with, and the record is kept
         name, where = self.dataset_args(plan)
         try:
-            current = data_digest(name, plan.identity["protocol"], **where)  # stat calls and list files only
+            current = data_digest(name, plan.identity["protocol"], **where)  # the images' bytes read once per copy
         except (VpeftError, OSError):  # unreadable now: nothing says it changed, and the record stays
             return None
         if current == recorded:
@@ -421,6 +422,7 @@ class TrainJob(Job):
             "n_eval": len(task.eval.labels),
             "num_classes": task.num_classes,
             "digest": task.digest,  # a later run of this plan trains again when the data's digest differs
+            "digest_version": DIGEST_VERSION,
             "input_size": list(bb.input_size),
             "mean": list(bb.mean),
             "std": list(bb.std),
