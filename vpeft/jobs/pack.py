@@ -238,7 +238,7 @@ def _train(live: list[Member], device: torch.device) -> dict[int, tuple[Any, int
                 continue
         for m in group:
             try:
-                result = TrainJob().fit(m.plan, m.run, device, m.ctx)
+                result = TrainJob().fit(m.plan, m.run, device, m.ctx, rung.get(id(m)))  # (its state read once)
             except Exception as e:  # a diverged loss, or any other error: this run's record says which
                 result = e
             results[id(m)] = (result, 1)

@@ -376,12 +376,13 @@ class TrainJob(Job):
         result = self.fit(plan, run, device, ctx)
         self.complete(plan, device, record, ctx, result)
 
-    def fit(self, plan: Plan, run: PackedRun, device: torch.device, ctx: Context) -> TrainResult:
+    def fit(self, plan: Plan, run: PackedRun, device: torch.device, ctx: Context,
+            rung: tuple[Resume | None, int | None] | None = None) -> TrainResult:  # fmt: skip
         """Train the run alone: to its ``stop_after`` rung if one is set (its state saved beside the record for the
-        next rung), from the last rung's state where one was saved."""
+        next rung), from the last rung's state where one was saved (``rung``: as ``self.rung`` already restored)."""
         bb = ctx.state["backbone"]
         trainer = TrainConfig(**plan.resolved["trainer"])
-        resume, stop = self.rung(plan, run)
+        resume, stop = rung if rung is not None else self.rung(plan, run)
         result = train(run.model, run.train_images, run.train_labels, run.eval_images, run.eval_labels, run.optimizer,
                        trainer, bb.mean, bb.std, device, seed=run.seed, on_epoch_end=run.on_epoch_end, resume=resume,
                        stop_after=stop)  # fmt: skip
